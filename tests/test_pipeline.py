@@ -1,0 +1,120 @@
+"""The real pipeline executor: gradient parity, memory, timing and failure behaviour."""
+
+import time
+
+import pytest
+from torch.testing import assert_close
+
+from paralab import launch, pipeline, schedules
+from paralab.schedules import Schedule, ScheduleError
+from paralab.simulator import DeadlockError, simulate
+
+MODEL = pipeline.PipelineModel(width=16, layers_per_stage=2, batch=32)
+SCHEDULES = {
+    "gpipe": schedules.gpipe(4, 8),
+    "1f1b": schedules.one_f_one_b(4, 8),
+    "interleaved": schedules.interleaved_one_f_one_b(4, 8, 2),
+    "zb-h1": schedules.zb_h1(4, 8),
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {name: pipeline.run_pipeline(s, MODEL, echo=False) for name, s in SCHEDULES.items()}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_losses_and_every_gradient_equal_a_single_process_run(runs, name):
+    result, schedule = runs[name], SCHEDULES[name]
+    losses, grads = pipeline.reference_step(MODEL, schedule.num_stages, 8)
+    assert_close(result.losses, losses)
+    assert result.grads.keys() == grads.keys()
+    for key, reference in grads.items():
+        assert_close(result.grads[key], reference, msg=key)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_measured_in_flight_activations_equal_the_simulator(runs, name):
+    simulated = simulate(SCHEDULES[name], 1, 2, 1)
+    assert runs[name].peak_activations == simulated.peak_activations
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+def test_saved_bytes_are_in_flight_microbatches_times_their_activations(runs, name):
+    # Each Linear saves its input and each Tanh its output: 2 tensors of (batch/m, width)
+    # per layer, float64.  (The last stage also keeps its loss inputs, so skip it.)
+    per_microbatch_stage = MODEL.layers_per_stage * 2 * (MODEL.batch // 8) * MODEL.width * 8
+    result = runs[name]
+    last = SCHEDULES[name].rank_of(SCHEDULES[name].num_stages - 1)
+    for rank, peak in enumerate(result.peak_saved_bytes):
+        if rank != last:
+            assert peak == result.peak_activations[rank] * per_microbatch_stage
+
+
+def test_measured_timeline_has_the_simulators_shape(runs):
+    measured = runs["1f1b"].timeline
+    simulated = simulate(SCHEDULES["1f1b"], 1, 2)
+    assert measured.source == "measured" and measured.unit == "s"
+    assert sorted((e.rank, e.action) for e in measured.events) == \
+        sorted((e.rank, e.action) for e in simulated.events)
+    for rank in range(4):  # each rank ran its list in order
+        order = [e.action for e in measured.events_of(rank)]
+        assert order == list(SCHEDULES["1f1b"].orders[rank])
+
+
+def test_recomputation_keeps_gradients_and_saves_only_stage_inputs():
+    schedule = SCHEDULES["1f1b"]
+    result = pipeline.run_pipeline(schedule, MODEL, recompute=True, echo=False)
+    _, grads = pipeline.reference_step(MODEL, 4, 8)
+    for key, reference in grads.items():
+        assert_close(result.grads[key], reference, msg=key)
+    input_bytes = (MODEL.batch // 8) * MODEL.width * 8
+    assert result.peak_saved_bytes == [n * input_bytes for n in result.peak_activations]
+
+
+def test_a_students_own_schedule_runs():
+    # A valid 2-rank order nobody ships: all forwards of rank 0 first, rank 1 drains eagerly.
+    own = Schedule.from_strings(["0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3",
+                                 "1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"])
+    result = pipeline.run_pipeline(own, MODEL, echo=False)
+    _, grads = pipeline.reference_step(MODEL, 2, 4)
+    assert result.max_grad_error(grads) < 1e-12
+    assert result.peak_activations == [4, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_synthetic_makespan_within_ten_percent_of_the_simulator(name):
+    result = pipeline.run_pipeline(SCHEDULES[name], MODEL, synthetic=(0.02, 0.04, 0.02),
+                                   echo=False)
+    assert result.simulated.makespan == pytest.approx(
+        simulate(SCHEDULES[name], 0.02, 0.04, 0.02).makespan)
+    assert result.timeline.makespan == pytest.approx(result.simulated.makespan, rel=0.10)
+
+
+def test_invalid_schedule_is_rejected_before_any_process_starts(monkeypatch):
+    def no_processes(*args, **kwargs):
+        raise AssertionError("a process was started for an invalid schedule")
+    monkeypatch.setattr(launch, "run", no_processes)
+    broken = Schedule.from_strings(["0F0 0B0 0F1", "1F0 1B0 1F1 1B1"])
+    with pytest.raises(ScheduleError, match="0B1 is missing"):
+        pipeline.run_pipeline(broken, MODEL)
+    crossed = Schedule.from_strings(["0F0 0B0 0F1 0B1", "1F1 1B1 1F0 1B0"])
+    with pytest.raises(DeadlockError, match="rank 1 at step 0 \\(1F1\\) waits for 0F1"):
+        pipeline.run_pipeline(crossed, MODEL)
+
+
+def test_a_deadlocking_schedule_run_anyway_fails_within_the_timeout():
+    crossed = Schedule.from_strings(["0F0 0B0 0F1 0B1", "1F1 1B1 1F0 1B0"])
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerTimeout) as err:
+        pipeline.run_pipeline(crossed, MODEL, check_deadlock=False, timeout=5, echo=False)
+    assert time.monotonic() - start < 5 + 10
+    message = str(err.value)
+    assert "rank 0" in message and "rank 1" in message
+    assert "recv" in message  # both are stuck waiting for a message that never comes
+
+
+def test_bad_synthetic_costs_are_rejected():
+    with pytest.raises(ValueError, match="non-negative seconds"):
+        pipeline.run_pipeline(SCHEDULES["1f1b"], MODEL, synthetic=(0.01, -1))
