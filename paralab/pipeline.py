@@ -40,6 +40,7 @@ import torch.nn as nn
 from . import launch
 from .schedules import Action, Schedule, validate
 from .simulator import simulate
+from .memory import SavedTensorMeter
 from .timeline import Event, Timeline
 
 
@@ -180,153 +181,145 @@ def _synthetic_costs(synthetic, schedule: Schedule):
     return tuple(values)
 
 
-class _SavedBytes:
-    """Counts bytes autograd saves for backward (parameters excluded: they are not
-    activations and exist anyway)."""
+class RankExecutor:
+    """One rank's side of a pipeline: its stages, its action list and its mailboxes.
 
-    def __init__(self, parameters):
-        self.parameter_ptrs = {p.data_ptr() for p in parameters}
-        self.current = 0
-        self.peak = 0
-        self.over_time = [(0.0, 0)]
+    Built once per world; :meth:`step` runs the rank's actions for one training step and
+    can be called repeatedly (benchmarks do).  Gradients accumulate in the stage modules,
+    as in any PyTorch training loop."""
 
-    def hooks(self, bucket: list):
-        def pack(t):
-            if t.data_ptr() not in self.parameter_ptrs:
-                bucket.append(t.numel() * t.element_size())
-            return t
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    def __init__(self, rank: int, schedule: Schedule, model: PipelineModel, *,
+                 costs=None, recompute: bool = False, device=None):
+        self.rank, self.schedule, self.model = rank, schedule, model
+        self.recompute, self.device = recompute, device or torch.device("cpu")
+        self.split = schedule.splits_backward
+        built = model.build(schedule.num_stages)
+        self.stages = {s: built[s].to(self.device) for s in schedule.stages_of(rank)}
+        self.shape = (model.batch // schedule.num_microbatches, model.width)
+        self.delay = {}
+        if costs:  # per-rank costs, split over this rank's chunks as in the simulator
+            f, b, w = (c / schedule.chunks for c in costs)
+            self.delay = {"F": f, "B": b + (0 if self.split else w), "W": w}
 
-    def change(self, delta: int, now: float):
-        self.current += delta
-        self.peak = max(self.peak, self.current)
-        self.over_time.append((now, self.current))
+    # -- messages: named by kind (0 activation, 1 gradient), microbatch, consuming stage ------
+    def _tag(self, kind: int, i: int, stage: int) -> int:
+        return (kind * self.schedule.num_stages + stage) * self.schedule.num_microbatches + i
+
+    def _send(self, tensor, kind, i, to_stage):
+        dst = self.schedule.rank_of(to_stage)
+        if dst == self.rank:
+            self.local[(kind, i, to_stage)] = tensor
+        else:
+            work = dist.isend(tensor.contiguous(), dst, tag=self._tag(kind, i, to_stage))
+            self.pending_sends.append(work)
+
+    def _receive(self, kind, i, stage, from_stage):
+        src = self.schedule.rank_of(from_stage)
+        if src == self.rank:
+            return self.local.pop((kind, i, stage))
+        buffer = torch.empty(self.shape, dtype=self.model.torch_dtype, device=self.device)
+        dist.recv(buffer, src, tag=self._tag(kind, i, stage))
+        return buffer
+
+    # -- the three actions; each returns the message to send when it is done, or None --------
+    def _forward(self, i, s):
+        stage, last = self.stages[s], s == self.schedule.num_stages - 1
+        inp = self.xs[i].to(self.device) if s == 0 else self._receive(0, i, s, s - 1)
+        inp = inp.detach().requires_grad_(s > 0)
+        self._start = time.perf_counter()
+        entry, sizes = {"input": inp}, []
+        if self.recompute:  # keep only the input; B rebuilds the graph
+            with torch.no_grad():
+                out = stage(inp)
+            sizes.append(inp.numel() * inp.element_size())
+        else:
+            with self.meter.hooks(sizes):
+                out = stage(inp)
+                if last:
+                    out = loss_fn(out, self.ys[i].to(self.device), self.schedule.num_microbatches)
+                    self.losses[i] = out.item()
+        entry["output"], entry["bytes"] = out, sum(sizes)
+        self.saved[(i, s)] = entry
+        self.meter.change(entry["bytes"], self._start - self.t0)
+        return None if last else (out.detach(), 0, i, s + 1)
+
+    def _backward(self, i, s):
+        entry, last = self.saved[(i, s)], s == self.schedule.num_stages - 1
+        if not last:
+            entry["grad_out"] = self._receive(1, i, s, s + 1)
+        self._start = time.perf_counter()
+        if self.recompute:
+            with self.meter.hooks([]):
+                out = self.stages[s](entry["input"])
+                if last:
+                    out = loss_fn(out, self.ys[i].to(self.device), self.schedule.num_microbatches)
+                    self.losses[i] = out.item()
+            entry["output"] = out
+        params = [] if self.split else list(self.stages[s].parameters())
+        targets = ([entry["input"]] if s > 0 else []) + params
+        if targets:  # stage 0 with a split backward has no input gradient to compute
+            torch.autograd.backward(entry["output"], entry.get("grad_out"), inputs=targets,
+                                    retain_graph=self.split)
+        if not self.split:
+            self._release(i, s)
+        if s == 0:
+            return None
+        grad, entry["input"].grad = entry["input"].grad.detach(), None
+        return (grad, 1, i, s - 1)
+
+    def _weight(self, i, s):
+        entry = self.saved[(i, s)]
+        self._start = time.perf_counter()
+        torch.autograd.backward(entry["output"], entry.get("grad_out"),
+                                inputs=list(self.stages[s].parameters()))
+        self._release(i, s)
+        return None
+
+    def _release(self, i, s):
+        entry = self.saved.pop((i, s))
+        self.meter.change(-entry["bytes"], time.perf_counter() - self.t0)
+
+    # -- one training step ------------------------------------------------------------------
+    def step(self) -> dict:
+        m = self.schedule.num_microbatches
+        self.xs, self.ys = self.model.microbatches(m)
+        self.meter = SavedTensorMeter(q for st in self.stages.values() for q in st.parameters())
+        self.saved, self.local, self.pending_sends = {}, {}, []
+        self.losses, events = {}, []
+        run = {"F": self._forward, "B": self._backward, "W": self._weight}
+        self.t0 = time.perf_counter()
+        for action in self.schedule.orders[self.rank]:
+            outgoing = run[action.op](action.microbatch, action.stage)
+            if self.delay:  # synthetic cost: before the send, so the next stage waits too
+                time.sleep(self.delay[action.op])
+            if outgoing is not None:
+                self._send(*outgoing)
+            end = time.perf_counter()
+            events.append((self.rank, tuple(action), self._start - self.t0, end - self.t0))
+            self.pending_sends = [w for w in self.pending_sends if not w.is_completed()]
+        for work in self.pending_sends:
+            work.wait()
+        return {"events": events, "losses": self.losses, "peak_saved_bytes": self.meter.peak,
+                "saved_bytes_over_time": self.meter.over_time}
+
+    def grads(self) -> dict:
+        return {f"stage{s}.{name}": q.grad.detach().cpu() for s, st in self.stages.items()
+                for name, q in st.named_parameters()}
+
+    def warm_up(self):
+        _warm_up(self.stages, self.shape, self.model.torch_dtype, self.device)
 
 
 def _pipeline_worker(rank: int, world_size: int, schedule: Schedule, model: PipelineModel,
                      costs, recompute: bool) -> dict:
-    device = launch.device()
-    p, n_stages, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
-    all_stages = model.build(n_stages)
-    stages = {s: all_stages[s].to(device) for s in schedule.stages_of(rank)}
-    del all_stages
-    xs, ys = model.microbatches(m)
-    shape = (model.batch // m, model.width)
-    split = schedule.splits_backward
-    delay = {}
-    if costs:
-        per_chunk = [c / schedule.chunks for c in costs]
-        delay = {"F": per_chunk[0], "B": per_chunk[1] + (0 if split else per_chunk[2]),
-                 "W": per_chunk[2]}
-
-    memory = _SavedBytes([q for st in stages.values() for q in st.parameters()])
-    saved = {}       # (i, s) -> dict(input, output, bytes)
-    local = {}       # same-rank hand-over: ("act"|"grad", i, s) -> tensor
-    pending_sends = []
-    losses, events = {}, []
-
-    def tag(kind: int, i: int, s: int) -> int:
-        return (kind * n_stages + s) * m + i
-
-    # A message is named by what it is (0: activation, 1: gradient), its microbatch and the
-    # stage that consumes it.
-    def send(tensor, kind, i, to_stage):
-        dst = schedule.rank_of(to_stage)
-        if dst == rank:
-            local[(kind, i, to_stage)] = tensor
-        else:
-            pending_sends.append(dist.isend(tensor.contiguous(), dst, tag=tag(kind, i, to_stage)))
-
-    def receive(kind, i, s, from_stage):
-        src = schedule.rank_of(from_stage)
-        if src == rank:
-            return local.pop((kind, i, s))
-        buffer = torch.empty(shape, dtype=model.torch_dtype, device=device)
-        dist.recv(buffer, src, tag=tag(kind, i, s))
-        return buffer
-
-    def stage_input(i, s):
-        inp = xs[i].to(device) if s == 0 else receive(0, i, s, s - 1)
-        return inp.detach().requires_grad_(s > 0)
-
-    _warm_up(stages, shape, model.torch_dtype, device)
+    executor = RankExecutor(rank, schedule, model, costs=costs, recompute=recompute,
+                            device=launch.device())
+    executor.warm_up()
+    dist.barrier()  # start the clocks together
+    result = executor.step()
     dist.barrier()
-    t0 = time.perf_counter()
-    for action in schedule.orders[rank]:
-        op, i, s = action
-        outgoing = None  # (tensor, kind, microbatch, consuming stage) to send when done
-        if op == "F":
-            inp, stage = stage_input(i, s), stages[s]
-            start = time.perf_counter()
-            sizes: list = []
-            if recompute:
-                with torch.no_grad():
-                    out = stage(inp)
-                sizes.append(inp.numel() * inp.element_size())
-            else:
-                with memory.hooks(sizes):
-                    out = stage(inp)
-            entry = {"input": inp, "output": out, "bytes": sum(sizes)}
-            if s == n_stages - 1:
-                if recompute:
-                    entry["output"] = None
-                else:
-                    with memory.hooks(sizes):
-                        entry["output"] = loss_fn(out, ys[i].to(device), m)
-                    entry["bytes"] = sum(sizes)
-                    losses[i] = entry["output"].item()
-            else:
-                outgoing = (out.detach(), 0, i, s + 1)
-            saved[(i, s)] = entry
-            memory.change(entry["bytes"], time.perf_counter() - t0)
-        else:
-            entry = saved[(i, s)]
-            grad_out = None
-            if op == "B" and s < n_stages - 1:
-                grad_out = receive(1, i, s, s + 1)
-                entry["grad_out"] = grad_out
-            start = time.perf_counter()
-            if op == "B" and recompute:  # rebuild the graph the forward did not keep
-                with memory.hooks([]):
-                    out = stages[s](entry["input"])
-                    if s == n_stages - 1:
-                        out = loss_fn(out, ys[i].to(device), m)
-                        losses[i] = out.item()
-                entry["output"] = out
-            out, grad_out = entry["output"], entry.get("grad_out")
-            params = list(stages[s].parameters())
-            if op == "B":
-                wants_input = s > 0
-                targets = ([entry["input"]] if wants_input else []) + ([] if split else params)
-                if targets:
-                    torch.autograd.backward(out, grad_out, inputs=targets, retain_graph=split)
-                if wants_input:
-                    outgoing = (entry["input"].grad.detach(), 1, i, s - 1)
-                    entry["input"].grad = None
-                if not split:
-                    _release(saved, memory, i, s, t0)
-            else:  # W: weight gradients only, from the output gradient B received
-                torch.autograd.backward(out, grad_out, inputs=params)
-                _release(saved, memory, i, s, t0)
-        if delay:  # synthetic cost: before the send, so the next stage waits for it too
-            time.sleep(delay[op])
-        if outgoing is not None:
-            send(*outgoing)
-        end = time.perf_counter()
-        events.append((rank, tuple(action), start - t0, end - t0))
-        pending_sends = [w for w in pending_sends if not w.is_completed()]
-
-    for work in pending_sends:
-        work.wait()
-    dist.barrier()
-    return {
-        "events": events,
-        "losses": losses,
-        "grads": {f"stage{s}.{name}": q.grad.detach().cpu() for s, st in stages.items()
-                  for name, q in st.named_parameters()},
-        "peak_saved_bytes": memory.peak,
-        "saved_bytes_over_time": memory.over_time,
-    }
+    result["grads"] = executor.grads()
+    return result
 
 
 def _warm_up(stages, shape, dtype, device):
@@ -339,8 +332,3 @@ def _warm_up(stages, shape, dtype, device):
         torch.autograd.backward(out, torch.ones_like(out), inputs=[x], retain_graph=True)
         torch.autograd.backward(out, torch.ones_like(out), inputs=list(stage.parameters()))
         stage.zero_grad(set_to_none=True)
-
-
-def _release(saved, memory, i, s, t0):
-    entry = saved.pop((i, s))
-    memory.change(-entry["bytes"], time.perf_counter() - t0)
