@@ -20,6 +20,8 @@ Conventions (the same as ``torch.distributed.pipelining`` and Megatron-LM):
 
 from __future__ import annotations
 
+import functools
+import gc
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -184,56 +186,92 @@ def validate(schedule: Schedule) -> Schedule:
     if m < 1:
         raise ScheduleError(f"a schedule needs at least one microbatch, got {m}")
     ops = ("F", "B", "W") if schedule.splits_backward else ("F", "B")
-    position: dict[Action, tuple[int, int]] = {}
+    position: dict[Action, int] = {}  # action -> step on its rank (the rank is stage % p)
+    claim = position.setdefault
     for rank, row in enumerate(schedule.orders):
         for index, action in enumerate(row):
-            if action.op not in OPS:
-                raise ScheduleError(f"rank {rank}, step {index}: unknown op {action.op!r} "
-                                    f"(use F, B or W)")
-            if not 0 <= action.microbatch < m:
-                raise ScheduleError(
-                    f"rank {rank}, step {index}: {action} uses microbatch {action.microbatch}, "
-                    f"but microbatches are numbered 0..{m - 1}")
-            if not 0 <= action.stage < n_stages:
-                raise ScheduleError(
-                    f"rank {rank}, step {index}: {action} uses stage {action.stage}, "
-                    f"but stages are numbered 0..{n_stages - 1}")
-            owner = schedule.rank_of(action.stage)
-            if owner != rank:
-                raise ScheduleError(
-                    f"rank {rank}, step {index}: {action} belongs to stage {action.stage}, "
-                    f"which lives on rank {owner} (rank r owns stages r, r+{p}, r+{2 * p}, ...)")
-            if action in position:
-                first = position[action][1]
+            op, microbatch, stage = action
+            if not (op in OPS and 0 <= microbatch < m and 0 <= stage < n_stages
+                    and stage % p == rank):
+                _reject_action(schedule, rank, index, action)
+            first = claim(action, index)
+            if first != index:
                 raise ScheduleError(
                     f"rank {rank}: {action} appears twice (steps {first} and {index}); each "
-                    f"microbatch goes through each stage's {_op_name(action.op)} exactly once")
-            position[action] = (rank, index)
-    for op in ops:
-        for stage in range(n_stages):
-            for mb in range(m):
-                action = Action(op, mb, stage)
-                if action not in position:
-                    extra = (" (this schedule splits the backward, so every B needs its W)"
-                             if op == "W" else "")
+                    f"microbatch goes through each stage's {_op_name(op)} exactly once")
+    # Every action present is valid and distinct, so the count tells whether any is missing.
+    if len(position) != len(ops) * n_stages * m:
+        for op in ops:
+            for stage in range(n_stages):
+                for mb in range(m):
+                    action = Action(op, mb, stage)
+                    if action not in position:
+                        extra = (" (this schedule splits the backward, so every B needs its W)"
+                                 if op == "W" else "")
+                        raise ScheduleError(
+                            f"{action} is missing: microbatch {mb} never runs the "
+                            f"{_op_name(op)} of stage {stage} on rank "
+                            f"{schedule.rank_of(stage)}{extra}")
+    for action_b, index_b in position.items():
+        if action_b[0] == "B":
+            index_f = position[("F", action_b[1], action_b[2])]
+            if index_b < index_f:
+                raise ScheduleError(
+                    f"rank {schedule.rank_of(action_b.stage)}: {action_b} (step {index_b}) comes "
+                    f"before its forward {Action('F', action_b.microbatch, action_b.stage)} "
+                    f"(step {index_f}): a backward needs the activations its forward saved")
+    if "W" in ops:
+        for action_w, index_w in position.items():
+            if action_w[0] == "W":
+                index_b = position[("B", action_w[1], action_w[2])]
+                if index_w < index_b:
                     raise ScheduleError(
-                        f"{action} is missing: microbatch {mb} never runs the "
-                        f"{_op_name(op)} of stage {stage} on rank {schedule.rank_of(stage)}{extra}")
-    for (_, index_b), action_b in ((position[a], a) for a in position if a.op == "B"):
-        index_f = position[Action("F", action_b.microbatch, action_b.stage)][1]
-        if index_b < index_f:
-            raise ScheduleError(
-                f"rank {schedule.rank_of(action_b.stage)}: {action_b} (step {index_b}) comes "
-                f"before its forward {Action('F', action_b.microbatch, action_b.stage)} "
-                f"(step {index_f}): a backward needs the activations its forward saved")
-    for (_, index_w), action_w in ((position[a], a) for a in position if a.op == "W"):
-        index_b = position[Action("B", action_w.microbatch, action_w.stage)][1]
-        if index_w < index_b:
-            raise ScheduleError(
-                f"rank {schedule.rank_of(action_w.stage)}: {action_w} (step {index_w}) comes "
-                f"before {Action('B', action_w.microbatch, action_w.stage)} (step {index_b}): "
-                f"the weight gradient needs the output gradient that B receives")
+                        f"rank {schedule.rank_of(action_w.stage)}: {action_w} (step {index_w}) "
+                        f"comes before {Action('B', action_w.microbatch, action_w.stage)} "
+                        f"(step {index_b}): the weight gradient needs the output gradient that "
+                        f"B receives")
     return schedule
+
+
+def _reject_action(schedule: Schedule, rank: int, index: int, action: Action) -> None:
+    """Raise the error for an action that is invalid on its own (op, index range, rank)."""
+    p, m, n_stages = schedule.num_ranks, schedule.num_microbatches, schedule.num_stages
+    if action.op not in OPS:
+        raise ScheduleError(f"rank {rank}, step {index}: unknown op {action.op!r} "
+                            f"(use F, B or W)")
+    if not 0 <= action.microbatch < m:
+        raise ScheduleError(
+            f"rank {rank}, step {index}: {action} uses microbatch {action.microbatch}, "
+            f"but microbatches are numbered 0..{m - 1}")
+    if not 0 <= action.stage < n_stages:
+        raise ScheduleError(
+            f"rank {rank}, step {index}: {action} uses stage {action.stage}, "
+            f"but stages are numbered 0..{n_stages - 1}")
+    owner = schedule.rank_of(action.stage)
+    raise ScheduleError(
+        f"rank {rank}, step {index}: {action} belongs to stage {action.stage}, "
+        f"which lives on rank {owner} (rank r owns stages r, r+{p}, r+{2 * p}, ...)")
+
+
+def gc_paused(function):
+    """Run ``function`` with Python's cyclic garbage collector paused.
+
+    Building or simulating a large schedule allocates a million small objects that never
+    form reference cycles; every collection the allocations trigger walks all of them again,
+    which more than doubles the run time for nothing.  Reference counting still frees
+    everything as usual, and the collector is restarted (if it was running) on the way out."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
 
 
 def _op_name(op: str) -> str:
@@ -249,6 +287,7 @@ def _check_sizes(p: int, m: int, v: int = 1) -> None:
 # ---------------------------------------------------------------------------------------------
 # Generators
 # ---------------------------------------------------------------------------------------------
+@gc_paused
 def gpipe(p: int, m: int) -> Schedule:
     """GPipe (Huang et al. 2019): all forwards, then all backwards.
 
@@ -258,6 +297,7 @@ def gpipe(p: int, m: int) -> Schedule:
     return Schedule(tuple(map(tuple, orders)), m, p, "gpipe")
 
 
+@gc_paused
 def one_f_one_b(p: int, m: int) -> Schedule:
     """1F1B as in PipeDream-Flush and Megatron-LM.
 
@@ -277,6 +317,7 @@ def one_f_one_b(p: int, m: int) -> Schedule:
     return Schedule(tuple(orders), m, p, "1f1b")
 
 
+@gc_paused
 def interleaved_one_f_one_b(p: int, m: int, v: int) -> Schedule:
     """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2).
 
@@ -313,6 +354,7 @@ def interleaved_one_f_one_b(p: int, m: int, v: int) -> Schedule:
     return Schedule(tuple(orders), m, p * v, name)
 
 
+@gc_paused
 def zb_h1(p: int, m: int) -> Schedule:
     """ZB-H1 from Zero Bubble Pipeline Parallelism (Qi et al. 2024).
 

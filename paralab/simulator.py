@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections import deque
 from fractions import Fraction
+from math import lcm
 from numbers import Real
 from typing import Sequence, Union
 
-from .schedules import Action, Schedule, ScheduleError, validate
-from .timeline import Event, Timeline
+from .schedules import Action, Schedule, ScheduleError, gc_paused, validate
+from .timeline import Timeline, make_event
 
 Cost = Union[Real, Sequence[Real]]
 
@@ -57,12 +58,16 @@ def _divide(x: Real, n: int):
     return x / n
 
 
+@gc_paused
 def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
              comm: Real = 0) -> Timeline:
     """Run ``schedule`` on the cost model and return its :class:`Timeline`.
 
     ``t_w`` is the weight-gradient cost.  When the schedule does not split the backward
-    (no ``W`` actions), each ``B`` does both halves and costs ``t_b + t_w``."""
+    (no ``W`` actions), each ``B`` does both halves and costs ``t_b + t_w``.
+
+    Times come out as ints when every cost is an int, as exact ``Fraction``s when any cost
+    is a ``Fraction`` (or an int split over ``v`` chunks), and as floats when any is a float."""
     validate(schedule)
     if not isinstance(comm, Real) or comm < 0:
         raise ValueError(f"comm must be a non-negative number, got {comm!r}")
@@ -71,65 +76,118 @@ def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
     costs_w = stage_costs(t_w, schedule, "t_w")
     if not schedule.splits_backward:
         costs_b = [b + w for b, w in zip(costs_b, costs_w)]
-    cost = {"F": costs_f, "B": costs_b, "W": costs_w}
 
+    # Exact inputs are simulated on an integer clock (ticks of 1/scale) because Fraction
+    # arithmetic dominates the run time of large schedules; the times are converted back
+    # at the end, so results are exactly what Fraction arithmetic would give.
+    everything = costs_f + costs_b + costs_w + [comm]
+    exact = all(isinstance(c, (int, Fraction)) for c in everything)
+    scale = 1
+    if exact:
+        for c in everything:
+            if isinstance(c, Fraction):
+                scale = lcm(scale, c.denominator)
+
+        def ticks(c):
+            return int(c * scale)
+    else:
+        def ticks(c):
+            return c
+    cost = {"F": [ticks(c) for c in costs_f], "B": [ticks(c) for c in costs_b],
+            "W": [ticks(c) for c in costs_w]}
     p, n_stages, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
-    op_index = {"F": 0, "B": 1, "W": 2}
+    # Neighbouring stages live on different ranks whenever p > 1 (stage s is on rank s % p).
+    hop = ticks(comm) if p > 1 else 0
+    n_keys = n_stages * m  # key of (op, mb, stage): op_index * n_keys + stage * m + mb
+    last = n_stages - 1
 
-    def key(op: str, mb: int, stage: int) -> int:
-        return (op_index[op] * n_stages + stage) * m + mb
-
-    end_time: list = [None] * (3 * n_stages * m)
+    end_time: list = [None] * (3 * n_keys)
     waiting: dict[int, int] = {}  # dependency key -> rank blocked on it
     position = [0] * p
     rank_free = [0] * p
-    events: list[Event] = []
+    done_actions: list = []  # (rank, action, start, end) in execution order
+    record = done_actions.append
     ready = deque(range(p))
-
-    def dependencies(a: Action):
-        if a.op == "F":
-            if a.stage > 0:
-                yield "F", a.microbatch, a.stage - 1
-        elif a.op == "B":
-            yield "F", a.microbatch, a.stage
-            if a.stage < n_stages - 1:
-                yield "B", a.microbatch, a.stage + 1
-        else:
-            yield "B", a.microbatch, a.stage
 
     while ready:
         rank = ready.popleft()
         row = schedule.orders[rank]
-        while position[rank] < len(row):
-            action = row[position[rank]]
-            start = rank_free[rank]
+        n = len(row)
+        pos = position[rank]
+        free = rank_free[rank]
+        while pos < n:
+            action = row[pos]
+            op, mb, stage = action
+            base = stage * m + mb
+            start = free
             blocked = None
-            for op, mb, stage in dependencies(action):
-                done = end_time[key(op, mb, stage)]
+            if op == "F":
+                k = base
+                if stage > 0:
+                    done = end_time[base - m]
+                    if done is None:
+                        blocked = base - m
+                    else:
+                        done = done + hop
+                        if done > start:
+                            start = done
+            elif op == "B":
+                k = n_keys + base
+                done = end_time[base]
                 if done is None:
-                    blocked = key(op, mb, stage)
-                    break
-                if stage % p != rank:
-                    done = done + comm
-                if done > start:
+                    blocked = base
+                else:
+                    if done > start:
+                        start = done
+                    if stage < last:
+                        done = end_time[k + m]
+                        if done is None:
+                            blocked = k + m
+                        else:
+                            done = done + hop
+                            if done > start:
+                                start = done
+            else:
+                k = 2 * n_keys + base
+                done = end_time[n_keys + base]
+                if done is None:
+                    blocked = n_keys + base
+                elif done > start:
                     start = done
             if blocked is not None:
                 waiting[blocked] = rank
                 break
-            end = start + cost[action.op][action.stage]
-            k = key(action.op, action.microbatch, action.stage)
+            end = start + cost[op][stage]
             end_time[k] = end
-            rank_free[rank] = end
-            events.append(Event(rank, action, start, end))
-            position[rank] += 1
+            free = end
+            record((rank, action, start, end))
+            pos += 1
             woken = waiting.pop(k, None)
             if woken is not None:
                 ready.append(woken)
+        position[rank] = pos
+        rank_free[rank] = free
 
     stuck = [r for r in range(p) if position[r] < len(schedule.orders[r])]
     if stuck:
+        def key(op, mb, stage):
+            return ({"F": 0, "B": 1, "W": 2}[op] * n_stages + stage) * m + mb
         raise DeadlockError(_deadlock_message(schedule, stuck, position, end_time, key))
-    return Timeline(schedule, tuple(events), source="simulated")
+
+    if exact and (scale > 1 or any(isinstance(c, Fraction) for c in everything)):
+        times: dict = {0: 0}  # tick -> time; a step has few distinct times: convert each once
+
+        def convert(t):
+            value = times.get(t)
+            if value is None:
+                value = times[t] = Fraction(t, scale)
+            return value
+    else:
+        def convert(t):
+            return t
+    events = tuple(make_event(rank, action, convert(start), convert(end))
+                   for rank, action, start, end in done_actions)
+    return Timeline(schedule, events, source="simulated")
 
 
 def _deadlock_message(schedule, stuck, position, end_time, key) -> str:
