@@ -1,0 +1,280 @@
+"""The command line: ``python -m paralab <command> [options]``.
+
+``simulate`` runs a schedule on the cost model::
+
+    python -m paralab simulate --schedule 1f1b -p 4 -m 8 --tf 2 --tb 4
+    python -m paralab simulate --schedule interleaved -p 4 -m 8 -v 2 --tf 2 --tb 4 --json
+    python -m paralab simulate --schedule zb-h1 -p 4 -m 8 --tf 1/3 --tb 0.5 --tw 1/4 --plot g.png
+
+Costs are read exactly (``fractions.Fraction``): ``2``, ``0.5`` and ``1/3`` all work, and the
+results are exact too.
+
+Adding a command
+----------------
+Commands live in the :data:`COMMANDS` registry.  Register one with::
+
+    add_subcommand("tp-ffn", setup, run, help="one line for the command list")
+
+``setup(parser)`` declares the command's arguments on its ``argparse`` parser; ``run(args)``
+does the work and returns the exit status (0 for success).  Either may be given as a
+``"module:function"`` string, imported only when that command is used -- so a command that
+needs torch does not slow down the others.  Registrations go at the bottom of this module
+(or in a module imported before :func:`main` runs).
+
+Errors a user can cause (a bad number, an impossible schedule) are raised as
+:class:`CLIError`, ``ScheduleError`` or ``ValueError`` with a message that says what is wrong
+and what the rule is; :func:`main` prints it as a single ``error: ...`` line on stderr and
+returns 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Sequence, Union
+
+from .schedules import GENERATORS, ScheduleError
+
+Hook = Union[Callable, str]
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/\d+)?$")
+
+
+class CLIError(Exception):
+    """A mistake in the command line, explained."""
+
+
+@dataclass
+class Command:
+    name: str
+    setup: Hook
+    run: Hook
+    help: str = ""
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def add_subcommand(name: str, setup: Hook, run: Hook, help: str = "") -> Command:
+    """Register ``python -m paralab <name>`` (see the module docstring)."""
+    if name in COMMANDS:
+        raise ValueError(f"a command named {name!r} is already registered")
+    command = Command(name, setup, run, help)
+    COMMANDS[name] = command
+    return command
+
+
+def _resolve(hook: Hook) -> Callable:
+    if callable(hook):
+        return hook
+    module, _, attribute = hook.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become one ``error: ...`` line, not usage + exit."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1/2" for an option (it knows only "-1" and "-0.5" as numbers), so
+        # "--tw -1/2" would say "expected one argument" instead of "negative".
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message):
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+# -- argument types -----------------------------------------------------------------------------
+def parse_number(text: str) -> Fraction:
+    """An exact number from ``"2"``, ``"0.5"``, ``"1/3"`` (or ``"1e-3"``)."""
+    try:
+        return Fraction(str(text).strip())
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number: write an integer, a decimal or a fraction, "
+            f"e.g. 2, 0.5 or 1/3") from None
+
+
+def nonnegative_number(text: str) -> Fraction:
+    value = parse_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; times cannot be")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _plain(x: Fraction):
+    """Fractions that are whole become ints (so results print as 66, not 66/1)."""
+    return int(x) if isinstance(x, Fraction) and x.denominator == 1 else x
+
+
+def format_number(x) -> str:
+    """``66``, ``11/8 = 1.375``, ``3/11 = 0.2727``; floats with 4 significant digits."""
+    if isinstance(x, Fraction):
+        if x.denominator == 1:
+            return str(x.numerator)
+        return f"{x.numerator}/{x.denominator} = {float(x):.4g}"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _exact_text(x) -> str:
+    return str(x) if isinstance(x, (int, Fraction)) else repr(float(x))
+
+
+# -- simulate ------------------------------------------------------------------------------------
+MAX_ORDER_ACTIONS = 2000  # beyond this the text summary does not print every action
+
+
+def setup_simulate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", required=True, choices=list(GENERATORS),
+                        help="which schedule to build")
+    parser.add_argument("-p", type=positive_int, required=True, metavar="P",
+                        help="pipeline ranks (stages, or ranks holding v chunks each)")
+    parser.add_argument("-m", type=positive_int, required=True, metavar="M",
+                        help="microbatches per step")
+    parser.add_argument("-v", type=positive_int, default=None, metavar="V",
+                        help="chunks per rank, interleaved schedule only (default 2)")
+    parser.add_argument("--tf", type=nonnegative_number, required=True, metavar="TF",
+                        help="forward time of one microbatch through one rank")
+    parser.add_argument("--tb", type=nonnegative_number, required=True, metavar="TB",
+                        help="backward (input-gradient) time of one microbatch on one rank")
+    parser.add_argument("--tw", type=nonnegative_number, default=Fraction(0), metavar="TW",
+                        help="weight-gradient time (a separate W in zb-h1, else added to B)")
+    parser.add_argument("--comm", type=nonnegative_number, default=Fraction(0), metavar="C",
+                        help="time to send activations or gradients to another rank")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of the text summary")
+    parser.add_argument("--gantt", action="store_true", help="also print a text Gantt chart")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart image")
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from .schedules import build
+    from .simulator import simulate
+
+    if args.v is not None and args.schedule != "interleaved":
+        raise CLIError(f"-v (chunks per rank) only applies to --schedule interleaved, not "
+                       f"{args.schedule}: the other schedules hold one stage per rank")
+    v = args.v if args.v is not None else (2 if args.schedule == "interleaved" else 1)
+    schedule = build(args.schedule, args.p, args.m, v)
+    costs = {name: _plain(getattr(args, name)) for name in ("tf", "tb", "tw", "comm")}
+    timeline = simulate(schedule, costs["tf"], costs["tb"], costs["tw"], costs["comm"])
+
+    plot_note = None
+    if args.plot:
+        plot_note = _write_gantt(timeline, args.plot)
+
+    if args.json:
+        summary = timeline.summary()
+        summary["costs"] = {"t_f": str(costs["tf"]), "t_b": str(costs["tb"]),
+                            "t_w": str(costs["tw"]), "comm": str(costs["comm"])}
+        summary["exact"] = {key: _exact_text(getattr(timeline, key)) for key in
+                            ("makespan", "ideal", "time_ratio", "bubble_fraction",
+                             "bubble_overhead")}
+        print(json.dumps(summary))
+        if plot_note:
+            print(plot_note, file=sys.stderr)
+        return 0
+
+    print(_text_summary(timeline, costs, gantt=args.gantt))
+    if plot_note:
+        print(plot_note)
+    return 0
+
+
+def _text_summary(timeline, costs: dict, gantt: bool = False) -> str:
+    from .schedules import format_orders
+
+    s = timeline.schedule
+    chunk_note = f", v={s.chunks} chunks per rank" if s.chunks > 1 else ""
+    lines = [
+        f"schedule {s.name}: p={s.num_ranks} ranks, m={s.num_microbatches} microbatches"
+        f"{chunk_note}",
+        f"costs per rank and microbatch: t_f={costs['tf']} t_b={costs['tb']} "
+        f"t_w={costs['tw']} comm={costs['comm']}",
+    ]
+    total = sum(len(row) for row in s.orders)
+    if total <= MAX_ORDER_ACTIONS:
+        lines += ["order per rank:"] + ["  " + line for line in format_orders(s).splitlines()]
+    else:
+        lines.append(f"order per rank: {total} actions, not printed (use --json to get them)")
+    rows = [
+        ("makespan T", timeline.makespan),
+        ("ideal T_ideal (busiest rank's work)", timeline.ideal),
+        ("time ratio T / T_ideal", timeline.time_ratio),
+        ("bubble overhead bubble / T_ideal", timeline.bubble_overhead),
+        ("bubble fraction bubble / T", timeline.bubble_fraction),
+    ]
+    unit = " (in chunks)" if s.chunks > 1 else ""
+    rows.append((f"peak activations per rank{unit}",
+                 " ".join(str(x) for x in timeline.peak_activations)))
+    width = max(len(label) for label, _ in rows) + 2
+    lines += [f"{label + ':':<{width}} {format_number(value)}" for label, value in rows]
+    if gantt:
+        lines += ["", timeline.ascii()]
+    return "\n".join(lines)
+
+
+def _write_gantt(timeline, path: str) -> str:
+    from matplotlib.figure import Figure
+
+    from .plots import gantt
+
+    figure = Figure(figsize=(10, 0.6 * timeline.schedule.num_ranks + 1.2))
+    gantt(timeline, ax=figure.add_subplot())
+    try:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot write the plot to {path!r}: {error}") from None
+    return f"wrote {path}"
+
+
+add_subcommand("simulate", setup_simulate, run_simulate,
+               help="simulate a pipeline schedule on the cost model")
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every registered command.  With ``only``, only that command's
+    arguments are set up (so its setup, and whatever it imports, is the only one that runs;
+    ``""`` sets up none, enough to list the commands)."""
+    parser = _Parser(prog="python -m paralab",
+                     description="paralab: pipeline- and tensor-parallel training, hands on.")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    sub.required = True
+    for command in COMMANDS.values():
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        if only is None or command.name == only:
+            _resolve(command.setup)(child)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 2 on a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else ""
+    try:
+        args = build_parser(only).parse_args(argv)
+        return int(_resolve(COMMANDS[args.command].run)(args) or 0)
+    except (CLIError, ScheduleError, ValueError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
