@@ -65,8 +65,8 @@ def ring_traffic(op: str, nbytes: int, world_size: int) -> Fraction:
 class CommLog:
     """The collectives issued while a :func:`record` block was open, in issue order."""
 
-    def __init__(self) -> None:
-        self.records: list[CollectiveRecord] = []
+    def __init__(self, records=()) -> None:
+        self.records: list[CollectiveRecord] = list(records)
 
     def __iter__(self):
         return iter(self.records)

@@ -1,0 +1,31 @@
+"""Every lecture runs top to bottom, well under a minute, and is stored as text."""
+
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+COURSE = Path(__file__).resolve().parents[1] / "course"
+LECTURES = sorted(COURSE.glob("[0-9][0-9]_*.md"))
+
+
+def test_there_are_lectures_and_no_committed_notebooks():
+    assert [p.name for p in LECTURES][:2] == ["01_tensor_parallel.md", "02_pipeline_bubbles.md"]
+    assert not list(COURSE.rglob("*.ipynb")), "lectures are stored as MyST text, not .ipynb"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.stem)
+def test_lecture_executes(path):
+    notebook = jupytext.read(path)
+    start = time.monotonic()
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(COURSE)}}).execute()
+    elapsed = time.monotonic() - start
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    assert elapsed < 60, f"{path.name} took {elapsed:.0f} s; lectures must stay under a minute"
+    nbformat.validate(notebook)
