@@ -248,6 +248,144 @@ add_subcommand("simulate", setup_simulate, run_simulate,
                help="simulate a pipeline schedule on the cost model")
 
 
+# -- run-pipeline ---------------------------------------------------------------------------------
+def _synthetic_ms(text: str) -> tuple:
+    try:
+        values = tuple(float(x) / 1000 for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give TF_MS,TB_MS[,TW_MS] in milliseconds, e.g. 20,40") from None
+    if not 2 <= len(values) <= 3 or any(x < 0 for x in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give two or three non-negative times TF_MS,TB_MS[,TW_MS]")
+    return values
+
+
+def setup_run_pipeline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", required=True, choices=sorted(GENERATORS))
+    parser.add_argument("-p", type=positive_int, required=True, help="ranks (processes)")
+    parser.add_argument("-m", type=positive_int, required=True, help="microbatches")
+    parser.add_argument("-v", type=positive_int, default=None,
+                        help="chunks per rank (interleaved only; default 2)")
+    parser.add_argument("--synthetic", type=_synthetic_ms, metavar="TF_MS,TB_MS[,TW_MS]",
+                        help="make each action last this long (per rank-stage, split over "
+                             "the chunks of an interleaved schedule); it computes, then sleeps")
+    parser.add_argument("--recompute", action="store_true",
+                        help="keep only stage inputs in the forward; recompute in the backward")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_run_pipeline(args: argparse.Namespace) -> int:
+    from . import launch, pipeline
+    from .schedules import build
+
+    v = args.v if args.v is not None else (2 if args.schedule == "interleaved" else 1)
+    schedule = build(args.schedule, args.p, args.m, v)
+    model = pipeline.PipelineModel(batch=4 * args.m)
+    try:
+        result = pipeline.run_pipeline(schedule, model, synthetic=args.synthetic,
+                                       recompute=args.recompute, timeout=args.timeout,
+                                       echo=False)
+    except launch.WorkerError as error:
+        print(f"error: the pipeline failed on {args.p} processes:\n{error}", file=sys.stderr)
+        return 1
+    _, reference = pipeline.reference_step(model, schedule.num_stages, args.m)
+    report = {
+        "schedule": schedule.name, "stages": args.p, "microbatches": args.m,
+        "chunks": schedule.chunks,
+        "max_grad_error": result.max_grad_error(reference),
+        "measured_makespan_s": result.timeline.makespan,
+        "simulated_makespan_s": (float(result.simulated.makespan) if result.simulated
+                                 else None),
+        "calibrated_makespan_s": float(result.calibrated().makespan),
+        "peak_activations": result.peak_activations,
+        "peak_saved_bytes": result.peak_saved_bytes,
+        "synthetic_s": list(args.synthetic) if args.synthetic else None,
+        "recompute": args.recompute,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{schedule.name}: p={args.p}, m={args.m}" + (f", v={v}" if v > 1 else "")
+          + f" on {args.p} processes")
+    print(f"max |grad - single-process grad|: {report['max_grad_error']:.3g}")
+    print(f"measured makespan:   {report['measured_makespan_s'] * 1e3:.1f} ms")
+    if result.simulated is not None:
+        print(f"simulated makespan:  {report['simulated_makespan_s'] * 1e3:.1f} ms "
+              f"(the cost model with the synthetic costs)")
+    print(f"calibrated makespan: {report['calibrated_makespan_s'] * 1e3:.1f} ms "
+          f"(the cost model with the measured mean action times)")
+    print(f"peak activations per rank (microbatch-stages in flight): "
+          f"{report['peak_activations']}")
+    print(f"peak bytes saved for backward per rank: {report['peak_saved_bytes']}")
+    return 0
+
+
+add_subcommand("run-pipeline", setup_run_pipeline, run_run_pipeline,
+               help="run a schedule on real processes and compare with one process")
+
+
+# -- tp-ffn ---------------------------------------------------------------------------------------
+def setup_tp_ffn(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world-size", type=positive_int, required=True, metavar="P")
+    parser.add_argument("--variant", default="col-row", choices=["col-row", "row-row", "col-col"])
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="B")
+    parser.add_argument("--seq", type=positive_int, default=128, metavar="S")
+    parser.add_argument("--hidden", type=positive_int, default=1024, metavar="d")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_tp_ffn(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import comm, formulas, launch, tp
+
+    if args.hidden % args.world_size:
+        raise CLIError(f"--hidden {args.hidden} is not divisible by --world-size "
+                       f"{args.world_size}: each rank needs an equal slice of d (and of 4d)")
+    try:
+        results = launch.run(tp.ffn_parity_run, args.world_size, args.variant, args.batch,
+                             args.seq, args.hidden, 0, torch.float32, echo=False,
+                             timeout=args.timeout)
+    except launch.WorkerError as error:
+        print(f"error: the tensor-parallel FFN failed on {args.world_size} processes:\n{error}",
+              file=sys.stderr)
+        return 1
+    torch.manual_seed(0)  # the same draws as tp.ffn_parity_run
+    dense = tp.FFN(args.hidden)
+    x = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
+    target = torch.randn(args.batch, args.seq, args.hidden)
+    out = dense(x)
+    ((out - target) ** 2).sum().backward()
+    out = out.detach()
+    error = max(max(float((r["output"] - out).abs().max()),
+                    float((r["input_grad"] - x.grad).abs().max())) for r in results)
+    records = results[0]["records"]
+    sizes = dict(B=args.batch, S=args.seq, d=args.hidden, P=args.world_size)
+    expected = [(c.phase, c.op, int(formulas.evaluate(c.elements, **sizes)))
+                for c in formulas.ffn_collectives(args.variant)]
+    measured = [(r.phase, r.op, r.elements) for r in records]
+    report = {"variant": args.variant, "world_size": args.world_size, "max_error": error,
+              "collectives": [r.as_dict() for r in records],
+              "matches_formulas": measured == expected}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.variant} FFN on {args.world_size} processes, B={args.batch}, S={args.seq}, "
+          f"d={args.hidden}, float32")
+    print(f"max |output or dL/dX - dense|: {error:.3g}")
+    print(comm.CommLog(records).table())
+    print("matches paralab.formulas.ffn_collectives:", "yes" if report["matches_formulas"]
+          else f"NO (formulas: {expected})")
+    return 0
+
+
+add_subcommand("tp-ffn", setup_tp_ffn, run_tp_ffn,
+               help="run the tensor-parallel FFN and show its communication")
+
+
 # -- entry point ---------------------------------------------------------------------------------
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every registered command.  With ``only``, only that command's

@@ -22,8 +22,9 @@ on gloo in some patterns.)
 What comes back: the per-microbatch losses, every parameter's gradient (to compare with a
 single-process run), a *measured* :class:`~paralab.timeline.Timeline` of compute intervals
 (waiting is idle, as in the simulator), and activation memory per rank measured with
-saved-tensor hooks.  ``synthetic`` adds a fixed sleep to each action so bubbles are
-visible and reproducible on a laptop where 4 ranks share 2 cores; ``recompute`` keeps only
+saved-tensor hooks.  ``synthetic`` makes each action last a fixed time (its real compute
+runs inside it) so bubbles are visible and reproducible on a laptop where 4 ranks share 2
+cores; ``recompute`` keeps only
 each stage's input in the forward and recomputes the rest in the backward.
 """
 
@@ -149,8 +150,8 @@ def run_pipeline(schedule: Schedule, model: PipelineModel = PipelineModel(), *,
     """Execute one training step of ``schedule`` on ``schedule.num_ranks`` processes.
 
     ``synthetic=(t_f, t_b[, t_w])`` in seconds *per rank* (split evenly over the chunks of
-    an interleaved schedule, as in the simulator) is slept inside each action on top of its
-    real compute.  The schedule is validated -- and simulated, to rule out deadlocks --
+    an interleaved schedule, as in the simulator) sets how long each action lasts: it
+    computes for real, then sleeps out the rest of its cost.  The schedule is validated -- and simulated, to rule out deadlocks --
     before any process starts, so a broken schedule fails at once with a clear message."""
     validate(schedule)
     costs = _synthetic_costs(synthetic, schedule)
@@ -290,8 +291,9 @@ class RankExecutor:
         self.t0 = time.perf_counter()
         for action in self.schedule.orders[self.rank]:
             outgoing = run[action.op](action.microbatch, action.stage)
-            if self.delay:  # synthetic cost: before the send, so the next stage waits too
-                time.sleep(self.delay[action.op])
+            if self.delay:  # synthetic cost, before the send so the next stage waits too;
+                # the real compute runs inside it (an action takes max(compute, cost))
+                time.sleep(max(0.0, self._start + self.delay[action.op] - time.perf_counter()))
             if outgoing is not None:
                 self._send(*outgoing)
             end = time.perf_counter()
