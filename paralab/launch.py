@@ -632,9 +632,12 @@ def _exit_message(rank, code, tmp, outputs, errors, stuck, stacks) -> str:
                 f"start (its error went to the parent's terminal). If you call run() from a "
                 f"script, call it under `if __name__ == \"__main__\":` - the workers import "
                 f"the main module, as with multiprocessing.")
+    elif code is not None and code < 0:
+        head = (f"rank {rank} {how} without raising a Python exception (a crash in native "
+                f"code, or a signal from outside)")
     else:
         head = (f"rank {rank} {how} without raising a Python exception (os._exit() in fn, or "
-                f"a crash in native code)")
+                f"native code that exited)")
     parts = [head] + _others_summary(rank, errors, stuck, stacks)
     if outputs.get(rank, "").strip():
         parts.append(f"--- rank {rank} output (last {OUTPUT_TAIL} lines) ---\n"
