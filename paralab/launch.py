@@ -23,9 +23,9 @@ never reaches a collective hangs the notebook forever.  ``run`` instead
 * serialises ``fn`` and its arguments by value with cloudpickle, so notebook functions,
   closures and lambdas work;
 * forks workers from a ``forkserver`` that has torch already imported (~2 s for the first
-  4-rank world of a Python process, ~0.2 s for the next ones, against ~8 s for every world
-  with ``spawn``: ``bench/bench_launch.py``), each worker with one intra-op thread (N ranks
-  x default threads on 2 cores are 30-70x slower);
+  4-rank world of a Python process, ~0.2 s for the next ones, against 3-9 s for every
+  world with ``spawn`` on the course machines: ``bench/bench_launch.py``), each worker with
+  one intra-op thread (N ranks x default threads on 2 cores are 30-70x slower);
 * meets at a ``TCPStore`` that the parent opens on a port the OS chooses (no port races);
 * returns every rank's return value *by value* (pickled through a private temporary
   directory), tensors included, in rank order;
