@@ -1,0 +1,51 @@
+# nbgrader settings of the course.  Loaded by the repository's nbgrader_config.py (so the
+# plain `nbgrader` command works from the repository root) and by `python -m autograder`,
+# which adds the paths of its working course directory and the limits given on its command
+# line.  This is an nbgrader config file, not a module to import.
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor, ClearMetadataPreprocessor
+from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
+                                    GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
+
+from autograder.preprocessors import FeedbackCleanup, SandboxedExecute
+
+c = get_config()  # noqa: F821 - provided by traitlets when it loads this file
+
+# solutions/<assignment>/ holds the instructors' sources (generated from the text sources
+# <notebook>.pct.py, which must never reach a release); assignments/ is the student release.
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "assignments"
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback",
+                            "*.pct.py", ".*"]
+
+# Per-cell timeout (seconds); the kernel is interrupted when a cell runs longer.
+c.Execute.timeout = 120
+# Per-notebook wall clock and the other limits of the sandbox (autograder/sandbox.py).
+c.SandboxedExecute.notebook_timeout = 900
+c.SandboxedExecute.memory_mb = 4096
+c.SandboxedExecute.max_procs = 256
+c.SandboxedExecute.sandbox = "auto"
+
+# Test cells a student deleted are put back (and run) instead of needing manual grading.
+c.OverwriteCells.add_missing_cells = True
+
+# Notebooks run in the sandbox, not in a kernel of the grading process.
+c.Autograde.autograde_preprocessors = [
+    SandboxedExecute,
+    IgnorePattern,
+    ClearMetadataPreprocessor,
+    LimitOutput,
+    SaveAutoGrades,
+    AssignLatePenalties,
+    CheckCellMetadata,
+]
+c.LimitOutput.max_lines = 500
+c.LimitOutput.max_traceback = 60
+
+# Feedback: hidden tests removed, and test cells reduced to the final error message (the
+# feedback that names the misconception), without traceback frames that quote test code.
+c.GenerateFeedback.preprocessors = [
+    GetGrades,
+    ClearHiddenTests,
+    FeedbackCleanup,
+    CSSHTMLHeaderPreprocessor,
+]

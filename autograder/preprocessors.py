@@ -1,0 +1,206 @@
+"""nbgrader preprocessors of the course (registered in ``autograder/nbgrader_config.py``).
+
+* :class:`SandboxedExecute` replaces nbgrader's ``Execute`` in ``Autograde``: the notebook
+  runs in :mod:`autograder.sandbox` instead of a kernel of the grading process, and the
+  answers it recorded are kept for the clean re-check.
+* :class:`FeedbackCleanup` runs after ``ClearHiddenTests`` in ``GenerateFeedback``: test
+  cells keep only their final error message (no traceback frames quoting test code), hidden
+  test cells show only the clean verdict, and any line of hidden test source that still
+  shows up in an output is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from nbgrader.preprocessors import NbGraderPreprocessor
+from nbgrader.preprocessors.execute import Execute
+from traitlets import Float, Integer, List, Unicode
+
+from .sandbox import DEFAULT_SANDBOX_UID, CourseView, Limits, Sandbox, apply_results
+
+REPORT_DIR = "grader"  # under the course directory: runs/, answers/, verdicts/
+HIDDEN_BEGIN, HIDDEN_END = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def report_path(root: str, kind: str, student: str, assignment: str, notebook: str,
+                ext: str) -> str:
+    return os.path.join(root, REPORT_DIR, kind, student, assignment, notebook + ext)
+
+
+class SandboxedExecute(Execute):
+    """Execute the notebook in the sandbox (bubblewrap when available) with limits."""
+
+    sandbox = Unicode("auto", help="auto (bubblewrap if it works, else none with a "
+                                   "warning), bwrap, or none").tag(config=True)
+    notebook_timeout = Float(900.0, help="wall-clock seconds per notebook").tag(config=True)
+    interrupt_grace = Float(5.0, help="seconds a kernel gets to stop after an interrupt"
+                            ).tag(config=True)
+    memory_mb = Integer(4096, help="memory of the notebook's process tree (MiB)").tag(config=True)
+    max_procs = Integer(256, help="processes and threads of the notebook").tag(config=True)
+    cpu_seconds = Integer(0, help="CPU seconds per process (0: twice the notebook timeout)"
+                          ).tag(config=True)
+    file_size_mb = Integer(512, help="largest file a notebook may write (MiB)").tag(config=True)
+    max_cell_output = Integer(100_000, help="characters of output kept per cell"
+                              ).tag(config=True)
+    sandbox_uid = Integer(DEFAULT_SANDBOX_UID, help="unused uid the notebooks run as when "
+                                                   "grading as root").tag(config=True)
+    checks_path = List(Unicode(), help="extra directories with assignment check modules"
+                       ).tag(config=True)
+
+    _warned = False
+
+    def limits(self) -> Limits:
+        return Limits(cell_timeout=float(self.timeout or 0) or 1e9,
+                      interrupt_grace=self.interrupt_grace,
+                      notebook_timeout=self.notebook_timeout, memory_mb=self.memory_mb,
+                      max_procs=self.max_procs, cpu_seconds=self.cpu_seconds,
+                      file_size_mb=self.file_size_mb, max_cell_output=self.max_cell_output)
+
+    def preprocess(self, nb: Any, resources: dict) -> tuple[Any, dict]:
+        info = resources["nbgrader"]
+        student, assignment, notebook = info["student"], info["assignment"], info["notebook"]
+        root = os.getcwd()  # nbgrader's converters run from the course directory
+
+        def warn(message: str) -> None:
+            if not SandboxedExecute._warned:
+                self.log.warning(message)
+                SandboxedExecute._warned = True
+
+        box = Sandbox.create(self.sandbox, self.limits(),
+                             CourseView.default(self.checks_path), self.sandbox_uid, warn=warn)
+        answers = report_path(root, "answers", student, assignment, notebook, ".jsonl")
+        result = box.run(json.loads(json.dumps(nb)), answers_dest=answers)
+        apply_results(nb, result, box.limits)
+        report = {
+            "status": result.status, "reason": result.reason,
+            "running": result.running, "interrupted": result.interrupted,
+            "elapsed": round(result.elapsed, 2), "peak_memory_mb": round(result.peak_memory_mb),
+            "peak_tasks": result.peak_tasks, "survivors": result.survivors,
+            "sandbox": box.mode, "answers": answers,
+            "cells": [{"index": i, "grade_id": c.metadata.get("nbgrader", {}).get("grade_id")}
+                      for i, c in enumerate(nb.cells)],
+            "log": result.log[-2000:],
+        }
+        path = report_path(root, "runs", student, assignment, notebook, ".json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        if result.survivors:
+            self.log.error("%d process(es) of %s/%s survived the sandbox", result.survivors,
+                           student, assignment)
+        return nb, resources
+
+
+class FeedbackCleanup(NbGraderPreprocessor):
+    """Reduce test cells of the feedback to what a student should see."""
+
+    def preprocess(self, nb: Any, resources: dict) -> tuple[Any, dict]:
+        from nbgrader.api import Gradebook
+
+        info = resources["nbgrader"]
+        self.hidden_ids: set[str] = set()
+        self.hidden_lines: set[str] = set()
+        with Gradebook(info["db_url"]) as gb:
+            notebook = gb.find_notebook(info["notebook"], info["assignment"])
+            for cell in notebook.source_cells:
+                if HIDDEN_BEGIN in (cell.source or ""):
+                    self.hidden_ids.add(cell.name)
+                    self.hidden_lines |= _hidden_lines(cell.source)
+        root = os.getcwd()
+        path = report_path(root, "verdicts", info["student"], info["assignment"],
+                           info["notebook"], ".json")
+        try:
+            with open(path) as f:
+                self.verdicts = json.load(f)
+        except (OSError, ValueError):
+            self.verdicts = {}
+        return super().preprocess(nb, resources)
+
+    def preprocess_cell(self, cell: Any, resources: dict, index: int) -> tuple[Any, dict]:
+        from nbformat.v4 import new_output
+
+        if cell.cell_type != "code":
+            return cell, resources
+        meta = cell.metadata.get("nbgrader", {})
+        grade_id = meta.get("grade_id")
+        is_test = bool(meta.get("grade")) and not meta.get("solution")
+        verdict = self.verdicts.get(grade_id) if grade_id else None
+        if is_test and grade_id in self.hidden_ids:
+            outputs = []
+            if verdict is not None:
+                if verdict["passed"]:
+                    outputs.append(new_output("stream", name="stdout",
+                                              text="\u2713 hidden tests passed\n"))
+                else:
+                    outputs.append(_error("AssertionError", verdict["message"]))
+            else:
+                errors = [o for o in cell.outputs if o.output_type == "error"]
+                if errors:
+                    outputs.append(_error(errors[-1].ename, "a hidden test failed"))
+            cell.outputs = outputs
+        elif is_test:
+            kept = []
+            for output in cell.outputs:
+                if output.output_type == "error":
+                    kept.append(_error(output.ename, output.evalue))
+                else:
+                    kept.append(output)
+            if verdict is not None and verdict.get("overturned"):
+                if verdict["passed"]:
+                    kept.append(new_output("stream", name="stdout",
+                                           text="Re-checked outside the notebook: passed.\n"))
+                else:
+                    kept.append(_error("AssertionError", "re-checked outside the notebook: "
+                                       + verdict["message"]))
+            cell.outputs = kept
+        if self.hidden_lines:
+            for output in cell.outputs:
+                _redact(output, self.hidden_lines)
+        return cell, resources
+
+
+def _hidden_lines(source: str, min_chars: int = 8) -> set[str]:
+    lines, inside = set(), False
+    for raw in source.splitlines():
+        line = raw.strip()
+        if HIDDEN_BEGIN in line:
+            inside = True
+        elif HIDDEN_END in line:
+            inside = False
+        elif inside and len(line.replace(" ", "")) >= min_chars:
+            lines.add(line)
+    return lines
+
+
+def _error(ename: str, evalue: str) -> Any:
+    from nbformat.v4 import new_output
+    evalue = _ANSI.sub("", str(evalue))
+    return new_output("error", ename=str(ename), evalue=evalue,
+                      traceback=[f"{ename}: {evalue}"])
+
+
+def _redact_text(text: str, secrets: set[str]) -> str:
+    if not any(s in text for s in secrets):
+        return text
+    return "\n".join("[hidden test text removed]" if any(s in line for s in secrets) else line
+                     for line in text.split("\n"))
+
+
+def _redact(output: Any, secrets: set[str]) -> None:
+    if output.get("output_type") == "stream":
+        output["text"] = _redact_text(output.get("text", ""), secrets)
+    elif output.get("output_type") == "error":
+        output["evalue"] = _redact_text(str(output.get("evalue", "")), secrets)
+        output["traceback"] = [_redact_text(str(t), secrets) for t in output.get("traceback", [])]
+    else:
+        data = output.get("data", {})
+        for mime, value in list(data.items()):
+            if isinstance(value, str):
+                data[mime] = _redact_text(value, secrets)
+            elif isinstance(value, list):
+                data[mime] = _redact_text("".join(map(str, value)), secrets)
