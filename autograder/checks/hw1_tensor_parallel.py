@@ -113,12 +113,15 @@ def comm_table_check(value) -> Verdict:
         if got[0] != want[0]:
             return Verdict(False, f"{slot}: {got[0]} is not the right collective: the ranks "
                                   f"hold partial sums, which an all_reduce adds up")
-        if got[1] == big:
-            return Verdict(False, f"{slot}: {got[1]} elements is the size of Y (B*S*4d); "
-                                  f"this tensor has d columns")
-        if got[1] == want[1] * FP32:
-            return Verdict(False, f"{slot}: {got[1]} looks like bytes; give the number of "
-                                  f"elements")
+        if got[1] in (big, want[1] * FP32):
+            what = [f"{got[1]} is"]
+            if got[1] == big:
+                what.append("the size of Y (B*S*4d elements)")
+            if got[1] == want[1] * FP32:
+                what.append("the size in BYTES of this tensor in fp32" if got[1] != big
+                            else "- or this tensor's size in bytes")
+            return Verdict(False, f"{slot}: {' '.join(what)}; give the number of elements of "
+                                  f"the tensor exchanged here, which has d columns")
         return Verdict(False, f"{slot}: {got[1]} elements is not right")
     return Verdict(True, "correct: one all-reduce of B*S*d forward, one backward")
 
