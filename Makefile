@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv clean
+.PHONY: test test-fast venv book clean
 
 venv: $(STAMP)
 
@@ -25,5 +25,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The lectures, executed and rendered to HTML in _build/book (open _build/book/index.html).
+book: $(STAMP)
+	$(PY) course/build.py _build/book
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info _build

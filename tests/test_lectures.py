@@ -29,3 +29,19 @@ def test_lecture_executes(path):
     assert not errors
     assert elapsed < 60, f"{path.name} took {elapsed:.0f} s; lectures must stay under a minute"
     nbformat.validate(notebook)
+
+
+def test_book_build_renders_executed_pages_and_an_index(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("course_build", COURSE / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    lecture = tmp_path / "01_tiny.md"
+    lecture.write_text("---\njupytext:\n  text_representation:\n    format_name: myst\n"
+                       "kernelspec:\n  name: python3\n  display_name: Python 3\n---\n\n"
+                       "# A tiny lecture\n\n```{code-cell} ipython3\nprint(6 * 7)\n```\n")
+    index = build.build([lecture], tmp_path / "book")
+    page = (tmp_path / "book" / "01_tiny.html").read_text()
+    assert "42" in page  # executed: the output is in the page
+    assert '<a href="01_tiny.html">A tiny lecture</a>' in index.read_text()
+    assert build.lectures()[0].name == "01_tensor_parallel.md"
