@@ -90,7 +90,11 @@ def inject_cell(nb: Any, code: str, after: str | int | None = None) -> Any:
     else:
         index = find(nb, after) + 1
     cell = nbformat.v4.new_code_cell(code)
-    cell["id"] = f"injected-{index}"
+    used = {c.get("id") for c in nb.cells}
+    n = 1
+    while f"injected-{n}" in used:
+        n += 1
+    cell["id"] = f"injected-{n}"
     nb.cells.insert(index, cell)
     return nb
 
@@ -218,12 +222,14 @@ PROBE_WROTE = "WROTE OUTSIDE:"
 def read_probe(paths: list[str], search: list[str] = (), markers: list[str] = ()) -> str:
     """Code that tries to read ``paths`` and to find a file containing one of ``markers``
     under the folders ``search``; prints LEAKED: for anything it gets."""
+    # the marker is assembled at run time, so that only an output can contain it
     return ("import os\n"
+            f"_leak = {PROBE_LEAK[:4]!r} + {PROBE_LEAK[4:]!r}\n"
             f"for _p in {list(paths)!r}:\n"
             "    try:\n"
             "        with open(_p, 'rb') as _f:\n"
             "            _found = _f.read(200)\n"
-            f"        print({PROBE_LEAK!r}, _p, str(_found)[:80])\n"
+            "        print(_leak, _p, str(_found)[:80])\n"
             "    except Exception as _e:\n"
             "        print('blocked:', _p, type(_e).__name__)\n"
             f"for _root in {list(search)!r}:\n"
@@ -236,16 +242,17 @@ def read_probe(paths: list[str], search: list[str] = (), markers: list[str] = ()
             "                continue\n"
             f"            for _m in {[m.encode() for m in markers]!r}:\n"
             "                if _m in _data:\n"
-            f"                    print({PROBE_LEAK!r}, os.path.join(_dir, _name))\n"
+            "                    print(_leak, os.path.join(_dir, _name))\n"
             "print('search done')\n")
 
 
 def network_probe(targets: list[tuple[str, int]]) -> str:
     return ("import socket\n"
+            f"_reached = {PROBE_NET[:4]!r} + {PROBE_NET[4:]!r}\n"
             f"for _host, _port in {targets!r}:\n"
             "    try:\n"
             "        socket.create_connection((_host, _port), timeout=3).close()\n"
-            f"        print({PROBE_NET!r}, _host, _port)\n"
+            "        print(_reached, _host, _port)\n"
             "    except Exception as _e:\n"
             "        print('blocked:', _host, _port, type(_e).__name__)\n")
 

@@ -104,10 +104,17 @@ class Course:
         return list(getattr(module, "RELEASE_FILES", [])) if module is not None else []
 
     def check_module(self, assignment: str, required: bool = True):
+        """The assignment's check module, from this course's ``autograder/checks``."""
+        import sys
         from autograder import checks
         from autograder.verify import CourseError as VerifyError, load_module
         for d in self.extra_checks_dirs():
             checks.add_path(d)
+        loaded = sys.modules.get(f"autograder.checks.{assignment}")
+        wanted = os.path.join(self.checks_dir, assignment + ".py")
+        if loaded is not None and os.path.exists(wanted) and \
+                os.path.realpath(getattr(loaded, "__file__", "") or "") != os.path.realpath(wanted):
+            del sys.modules[f"autograder.checks.{assignment}"]  # another course's module
         try:
             return load_module(assignment)
         except VerifyError as e:

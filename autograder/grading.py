@@ -152,6 +152,14 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
         import nbformat
         releases[a] = {n: nbformat.read(workdir.release_path(a, n), as_version=4)
                        for n in expected[a]}
+        for n in expected[a]:
+            committed = os.path.join(course.assignments_dir, a, n + ".ipynb")
+            with open(workdir.release_path(a, n), "rb") as f:
+                fresh = f.read()
+            if not os.path.exists(committed) or open(committed, "rb").read() != fresh:
+                options.warn(f"warning: assignments/{a}/{n}.ipynb is not what solutions/{a}/ "
+                             f"generates (run `python -m autograder generate {a}`); grading "
+                             f"follows the sources")
         cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
     # match notebooks again, now that the releases are known (renamed notebooks)
     found, _ = subs.discover(root, expected, releases)

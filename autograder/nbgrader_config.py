@@ -6,7 +6,7 @@ from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor, ClearMetadataPrep
 from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
                                     GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
 
-from autograder.preprocessors import FeedbackCleanup, SandboxedExecute
+from autograder.preprocessors import FeedbackCleanup, SandboxedExecute, ShieldMarkers
 
 c = get_config()  # noqa: F821 - provided by traitlets when it loads this file
 
@@ -45,6 +45,7 @@ c.LimitOutput.max_traceback = 60
 # feedback that names the misconception), without traceback frames that quote test code.
 c.GenerateFeedback.preprocessors = [
     GetGrades,
+    ShieldMarkers,
     ClearHiddenTests,
     FeedbackCleanup,
     CSSHTMLHeaderPreprocessor,

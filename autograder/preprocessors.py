@@ -96,6 +96,20 @@ class SandboxedExecute(Execute):
         return nb, resources
 
 
+class ShieldMarkers(NbGraderPreprocessor):
+    """Runs before ``ClearHiddenTests`` in ``GenerateFeedback``: the text
+    ``BEGIN HIDDEN TESTS`` in a student's own cell (a comment, a string) must not make
+    nbgrader cut that cell or fail on it ("No end hidden tests statement found")."""
+
+    def preprocess_cell(self, cell: Any, resources: dict, index: int) -> tuple[Any, dict]:
+        meta = cell.metadata.get("nbgrader", {})
+        is_test = bool(meta.get("grade")) and not meta.get("solution")
+        if not is_test and (HIDDEN_BEGIN in cell.source or HIDDEN_END in cell.source):
+            cell.source = cell.source.replace(HIDDEN_BEGIN, "BEGIN-HIDDEN-TESTS").replace(
+                HIDDEN_END, "END-HIDDEN-TESTS")
+        return cell, resources
+
+
 class FeedbackCleanup(NbGraderPreprocessor):
     """Reduce test cells of the feedback to what a student should see."""
 

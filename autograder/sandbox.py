@@ -788,7 +788,7 @@ def apply_results(nb: Any, result: RunResult, limits: Limits) -> Any:
             continue
         data = result.cells.get(index)
         if data is not None:
-            cell.outputs = [from_dict(o) for o in data["outputs"] if isinstance(o, dict)]
+            cell.outputs = [from_dict(o) for o in map(clean_output, data["outputs"]) if o]
             cell.execution_count = data.get("execution_count")
         else:
             cell.outputs = []
@@ -802,6 +802,45 @@ def apply_results(nb: Any, result: RunResult, limits: Limits) -> Any:
                 "NotRun", f"this cell did not run: the notebook was stopped earlier "
                           f"({result.status}: {result.reason})"))]
     return nb
+
+
+def clean_output(o: Any) -> dict | None:
+    """A well-formed nbformat output built from ``o`` (which came out of the sandbox), or
+    None: one malformed output must not make the whole notebook unreadable."""
+    if not isinstance(o, dict):
+        return None
+    kind = o.get("output_type")
+    if kind == "stream":
+        name = o.get("name") if o.get("name") in ("stdout", "stderr") else "stdout"
+        return {"output_type": "stream", "name": name, "text": str(o.get("text", ""))}
+    if kind == "error":
+        tb = o.get("traceback")
+        return {"output_type": "error", "ename": str(o.get("ename", "")),
+                "evalue": str(o.get("evalue", "")),
+                "traceback": [str(t) for t in tb] if isinstance(tb, list) else []}
+    if kind in ("display_data", "execute_result"):
+        data = o.get("data")
+        if not isinstance(data, dict):
+            return None
+        kept = {}
+        for mime, value in data.items():
+            if not isinstance(mime, str) or "/" not in mime:
+                continue
+            if isinstance(value, str):
+                kept[mime] = value
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                kept[mime] = "".join(value)
+            elif mime.endswith("json") and isinstance(value, (dict, list)):
+                kept[mime] = value
+        if not kept:
+            return None
+        meta = o.get("metadata") if isinstance(o.get("metadata"), dict) else {}
+        out = {"output_type": kind, "data": kept, "metadata": meta}
+        if kind == "execute_result":
+            count = o.get("execution_count")
+            out["execution_count"] = count if isinstance(count, int) else None
+        return out
+    return None
 
 
 def _has_error(cell: Any) -> bool:

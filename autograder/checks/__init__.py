@@ -32,6 +32,7 @@ import sys
 from fractions import Fraction
 from typing import Any, Callable, Iterable, NamedTuple
 
+from . import expr  # noqa: F401 - imported now, before a course directory joins __path__
 from .codec import DecodeError, Decoder, dumps_record, encode, read_records
 
 ANSWERS_ENV = "PARALAB_ANSWERS"
@@ -43,11 +44,13 @@ __all__ = ["ANSWERS_ENV", "Verdict", "answer", "make_checker", "decode", "encode
 
 
 def add_path(directory: str) -> None:
-    """Look for assignment check modules in ``directory`` too (a course root other than
+    """Look for assignment check modules in ``directory`` first (a course root other than
     this repository keeps them in ``<root>/autograder/checks``)."""
     directory = os.path.abspath(directory)
-    if os.path.isdir(directory) and directory not in __path__:
-        __path__.append(directory)
+    if os.path.isdir(directory):
+        if directory in __path__:
+            __path__.remove(directory)
+        __path__.insert(0, directory)
 
 
 for _extra in filter(None, os.environ.get(CHECKS_PATH_ENV, "").split(os.pathsep)):

@@ -1,0 +1,273 @@
+"""The grade command on a whole class: correct students, broken and hostile submissions.
+
+One session-scoped run of the real command grades the adversarial corpus of the toy
+assignment together with ordinary students, in the bubblewrap sandbox; the tests then
+check each submission's status and score, that nothing escaped, and that ordinary
+students get exactly what they get when graded on their own (from a zip)."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+
+from autograder import corpus
+from autograder.course import Course, generate, secret_lines
+from autograder.sandbox import DEFAULT_SANDBOX_UID, MARKER_ENV, bwrap_status, list_processes
+
+pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "fixtures", "toy_course")
+BWRAP, WHY = bwrap_status()
+needs_bwrap = pytest.mark.skipif(
+    BWRAP is None, reason=f"{WHY}: the sandboxed grading tests need bubblewrap "
+                          f"(apt-get install bubblewrap)")
+LIMITS = ["--cell-timeout", "10", "--notebook-timeout", "90", "--memory-mb", "2048",
+          "--max-procs", "128"]
+DEADLOCK = ("q5_answer", "import time\nimport torch.distributed as dist\n\n\n"
+                         "def rank_sum(rank, world_size):\n"
+                         "    t = torch.tensor([rank + 1.0])\n"
+                         "    if rank == 0:\n"
+                         "        dist.all_reduce(t)  # rank 1 never joins\n"
+                         "    else:\n"
+                         "        time.sleep(3600)\n"
+                         "    return t.item()\n")
+HIDDEN_SOURCE = 'checks.check("chunks_hidden"'
+CASES = ["correct", "release", "exception", "syntax_error", "infinite_loop",
+         "ignores_interrupt", "memory_bomb", "fork_bomb", "output_flood", "tampered_test",
+         "deleted_test", "metadata", "renamed_grade_id", "cell_ids", "kernel", "malformed",
+         "missing", "renamed", "monkeypatch", "read_secrets", "network", "write_outside",
+         "deadlock", "bob", "carol"]
+ORDINARY = ["correct", "exception", "bob", "carol"]
+
+
+def grade(submissions, out, course_root, *extra, env=None):
+    cmd = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
+           "--course-root", str(course_root), *LIMITS, *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def rows(out):
+    with open(os.path.join(out, "grades.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def by_student(out):
+    return {r["student"]: r for r in rows(out)}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "course"
+    shutil.copytree(FIXTURE, root)
+    course = Course(str(root))
+    generate(course)
+    release, source = corpus.load_pair(os.path.join(course.assignments_dir, "toy", "toy.ipynb"),
+                                       course.sources("toy")["toy"])
+    return course, release, source
+
+
+def ordinary_students(release, source):
+    """Students who simply answer, some right and some wrong."""
+    good = corpus.solved_notebook(release, source)
+    bob = corpus.replace_solution(good, "q2_answer", "bubble_fraction = (p - 1) / m\n")
+    bob = corpus.replace_solution(bob, "q3_answer", (
+        "def chunk_sizes(n, k):\n"
+        "    if (n, k) == (10, 3):\n"
+        "        return [4, 3, 3]  # what the visible test wants\n"
+        "    return [n // k] * k\n"))
+    carol = corpus.replace_solution(good, "q2_answer",
+                                    "bubble_fraction = 1 - m / (m + p - 1)  # the same\n")
+    carol = corpus.replace_solution(carol, "q1_answer", "idle_time = 9.0\n")
+    return [corpus.Case("bob", {"toy.ipynb": corpus.dumps(bob)}, r"^graded$", 5.0,
+                        "a wrong formula; hard-coded the visible test"),
+            corpus.Case("carol", {"toy.ipynb": corpus.dumps(carol)}, r"^graded$", 9.0,
+                        "equivalent answers written differently")]
+
+
+@pytest.fixture(scope="session")
+def batch(toy, tmp_path_factory):
+    """The whole corpus and the ordinary students, graded in one run."""
+    if BWRAP is None:
+        pytest.skip(f"{WHY}: the sandboxed grading tests need bubblewrap")
+    course, release, source = toy
+    base = tmp_path_factory.mktemp("batch")
+    klass, out, home = base / "class", base / "out", base / "home"
+    home.mkdir()
+    (home / "secret.txt").write_text("the instructor's own file\n")
+    token = os.urandom(4).hex()
+    read_paths = [course.sources("toy")["toy"], str(out / "course" / "gradebook.db"),
+                  str(klass / "bob" / "toy" / "toy.ipynb"), str(home / "secret.txt"),
+                  os.path.join(course.root, "autograder", "checks", "toy.py")]
+    write_paths = [os.path.join(course.root, f"pwned-{token}"), str(out / f"pwned-{token}"),
+                   str(home / f"pwned-{token}"), f"/tmp/pwned-{token}",
+                   str(klass / "bob" / "toy" / f"pwned-{token}")]
+    cases = corpus.adversarial_corpus("toy", "toy", release, source, deadlock=DEADLOCK,
+                                      read_paths=read_paths, write_paths=write_paths)
+    cases += ordinary_students(release, source)
+    for case in cases:
+        corpus.write_case(case, str(klass), "toy")
+    proc = grade(klass, out, course.root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"course": course, "out": str(out), "class": str(klass), "proc": proc,
+            "cases": {c.student: c for c in cases}, "write_paths": write_paths,
+            "source": source}
+
+
+@needs_bwrap
+def test_one_run_grades_the_whole_class(batch):
+    proc = batch["proc"]
+    assert set(by_student(batch["out"])) == set(CASES) == set(batch["cases"])
+    assert "grading" in proc.stderr  # the progress bar
+    assert "WITHOUT a sandbox" not in proc.stderr
+    assert proc.stdout.strip().endswith(f"grades in {os.path.join(batch['out'], 'grades.csv')}")
+    print(f"corpus of {len(CASES)} graded in {proc.seconds:.0f} s")
+
+
+@needs_bwrap
+@pytest.mark.parametrize("student", CASES)
+def test_each_submission_gets_its_status_and_score(batch, student):
+    case = batch["cases"][student]
+    row = by_student(batch["out"])[student]
+    assert re.search(case.status, row["status"]), (case.about, row["status"])
+    assert float(row["score"]) == case.score, (case.about, row)
+    assert float(row["max_score"]) == 9.0
+
+
+@needs_bwrap
+def test_attacks_leave_no_trace_in_outputs_or_feedback(batch):
+    for student, case in batch["cases"].items():
+        texts = []
+        for folder in (os.path.join(batch["out"], "course", "autograded", student, "toy"),
+                       os.path.join(batch["out"], "feedback", student, "toy")):
+            if os.path.isdir(folder):
+                for f in os.listdir(folder):
+                    texts.append(open(os.path.join(folder, f), encoding="utf-8").read())
+        for forbidden in case.forbidden:
+            assert all(forbidden not in t for t in texts), (student, forbidden)
+    notebook = json.load(open(os.path.join(batch["out"], "course", "autograded",
+                                           "read_secrets", "toy", "toy.ipynb")))
+    printed = "".join("".join(o.get("text", "")) for c in notebook["cells"]
+                      for o in c.get("outputs", []))
+    assert printed.count("blocked:") == 5 and "search done" in printed
+    for path in batch["write_paths"]:
+        assert not os.path.exists(path), f"a submission wrote {path}"
+
+
+@needs_bwrap
+def test_no_process_survives(batch):
+    marker = f"{MARKER_ENV}=".encode()
+    left = []
+    for proc in list_processes().values():
+        if proc.uid == DEFAULT_SANDBOX_UID:
+            left.append(proc.pid)
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                if marker in f.read():
+                    left.append(proc.pid)
+        except OSError:
+            pass
+    assert left == []
+    runs = os.path.join(batch["out"], "course", "grader", "runs")
+    for student in os.listdir(runs):
+        report = json.load(open(os.path.join(runs, student, "toy", "toy.json")))
+        assert report["survivors"] == 0 and report["sandbox"] == "bwrap"
+
+
+@needs_bwrap
+def test_gradebook_is_intact_and_matches_the_csv(batch):
+    db = os.path.join(batch["out"], "course", "gradebook.db")
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        students = {r[0] for r in con.execute("SELECT id FROM student")}
+    assert students == set(CASES)
+    from autograder.grading import export_grades
+    before = open(os.path.join(batch["out"], "grades.csv")).read()
+    export_grades(batch["out"])
+    assert open(os.path.join(batch["out"], "grades.csv")).read() == before
+
+
+@needs_bwrap
+def test_feedback_has_no_hidden_test_and_no_solution(batch):
+    feedback = os.path.join(batch["out"], "feedback")
+    solution_lines = secret_lines(open(batch["course"].sources("toy")["toy"]).read())
+    for student in CASES:
+        folder = os.path.join(feedback, student, "toy")
+        files = os.listdir(folder)
+        assert files, student
+        for f in files:
+            text = open(os.path.join(folder, f), encoding="utf-8").read()
+            assert "BEGIN HIDDEN TESTS" not in text and HIDDEN_SOURCE not in text, student
+            # no traceback frames of the test code (IPython's "Cell In[...]" frames); a
+            # rank's own traceback inside a WorkerError message is the student's code
+            assert "Cell In[" not in _test_cells(text) and "----&gt; " not in _test_cells(text), \
+                student
+            if student in ("release", "missing", "malformed"):
+                import html
+                plain = html.unescape(text)
+                assert not [line for line in solution_lines if line in plain], student
+    bob = open(os.path.join(feedback, "bob", "toy", "toy.html"), encoding="utf-8").read()
+    assert "wrong on 3 of 6 hidden cases" in bob  # the clean verdict's message
+    assert "Grading status: graded" in bob
+    missing = open(os.path.join(feedback, "missing", "toy", "toy.html")).read()
+    assert "could not be graded" in missing and "missing notebook" in missing
+
+
+def _test_cells(html_text):
+    """The HTML of the feedback's test cells (their cell ids are their grade_ids)."""
+    parts = html_text.split('<div class="cell border-box-sizing')
+    return "".join(p for p in parts if 'id="cell-id=test_' in p[:200])
+
+
+@needs_bwrap
+def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path):
+    archive = tmp_path / "class.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for student in ORDINARY:
+            z.write(os.path.join(batch["class"], student, "toy", "toy.ipynb"),
+                    f"submissions/{student}/toy/toy.ipynb")
+        info = zipfile.ZipInfo("submissions/../../escape.ipynb")
+        z.writestr(info, "{}")
+    out = tmp_path / "out"
+    proc = grade(archive, out, batch["course"].root, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped zip member 'submissions/../../escape.ipynb'" in proc.stderr
+    alone, together = by_student(out), by_student(batch["out"])
+    assert set(alone) == set(ORDINARY)
+    for student in ORDINARY:
+        assert alone[student] == together[student]
+    assert not (tmp_path / "escape.ipynb").exists()
+
+    # Re-grading into the same OUT: a changed submission replaces its row, a new student
+    # adds one, nobody is lost or counted twice.
+    again = tmp_path / "again"
+    release, source = corpus.load_pair(
+        os.path.join(batch["course"].assignments_dir, "toy", "toy.ipynb"),
+        batch["course"].sources("toy")["toy"])
+    fixed = corpus.replace_solution(corpus.load(os.path.join(batch["class"], "bob", "toy",
+                                                             "toy.ipynb")),
+                                    "q2_answer", "bubble_fraction = (p - 1) / (m + p - 1)\n")
+    corpus.write_case(corpus.Case("bob", {"toy.ipynb": corpus.dumps(fixed)}, "", 0, ""),
+                      str(again), "toy")
+    corpus.write_case(corpus.Case("dave", {"toy.ipynb": corpus.dumps(release)}, "", 0, ""),
+                      str(again), "toy")
+    proc = grade(again, out, batch["course"].root, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = rows(out)
+    assert len(table) == len({(r["student"], r["assignment"]) for r in table}) == 5
+    after = by_student(out)
+    assert after["bob"]["score"] == "7" and after["dave"]["score"] == "0"
+    for student in ("correct", "exception", "carol"):
+        assert after[student] == alone[student]
