@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox-uid", type=int, default=DEFAULT_SANDBOX_UID,
                    help=f"unused uid the notebooks run as when grading as root "
                         f"({DEFAULT_SANDBOX_UID})")
+    p.add_argument("--jobs", "-j", type=int, default=1,
+                   help="notebooks run at the same time (1); as root each uses its own uid "
+                        "from --sandbox-uid on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export", help="rewrite OUT/grades.csv from OUT's gradebook (e.g. "
@@ -152,7 +155,7 @@ def _grade(args: argparse.Namespace, root: str) -> int:
     from .grading import GradeOptions, GradingError, grade
     from .sandbox import Limits
 
-    for name in ("cell_timeout", "notebook_timeout"):
+    for name in ("cell_timeout", "notebook_timeout", "jobs"):
         if getattr(args, name) <= 0:
             raise _UsageError(f"--{name.replace('_', '-')} must be positive")
     limits = Limits(cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
@@ -160,7 +163,8 @@ def _grade(args: argparse.Namespace, root: str) -> int:
                     cpu_seconds=args.cpu_seconds)
     mode = "none" if args.no_sandbox else ("bwrap" if args.require_sandbox else "auto")
     options = GradeOptions(course_root=root, out=args.out, sandbox=mode, limits=limits,
-                           sandbox_uid=args.sandbox_uid, progress=not args.no_progress)
+                           sandbox_uid=args.sandbox_uid, progress=not args.no_progress,
+                           jobs=args.jobs)
     try:
         entries = grade(args.submissions, options)
     except GradingError as e:

@@ -36,7 +36,7 @@ from . import submissions as subs
 from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_cells,
                      quiet_logs, run_converter, source_cells, validate_assignment)
 from .preprocessors import REPORT_DIR, report_path
-from .sandbox import DEFAULT_SANDBOX_UID, Limits, Sandbox
+from .sandbox import DEFAULT_SANDBOX_UID, Limits, Sandbox, list_processes
 
 STATUS_FILE = "status.json"
 CSV_COLUMNS = ["student", "assignment", "score", "max_score", "status"]
@@ -51,6 +51,7 @@ class GradeOptions:
     limits: Limits = field(default_factory=Limits)
     sandbox_uid: int = DEFAULT_SANDBOX_UID
     progress: bool = True
+    jobs: int = 1                  # notebooks running at the same time
     warn: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
 
 
@@ -67,6 +68,7 @@ class Entry:
     runs: dict[str, dict] = field(default_factory=dict)       # name -> sandbox report
     overturned: int = 0
     elapsed: float = 0.0
+    single: bool = True       # the assignment has a single notebook
 
     @property
     def key(self) -> str:
@@ -135,9 +137,12 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
     needed = sorted({f.assignment for f in found if f.assignment in known})
     box = Sandbox.create(options.sandbox, options.limits, None, options.sandbox_uid,
                          warn=options.warn)
-    if box.uid_in_use():
-        raise GradingError(f"uid {options.sandbox_uid} is used by running processes; the "
-                           f"sandbox needs an unused uid: pass --sandbox-uid")
+    if box.drops_uid:
+        busy = {p.uid for p in list_processes().values()}
+        wanted = range(options.sandbox_uid, options.sandbox_uid + max(1, options.jobs))
+        if busy & set(wanted):
+            raise GradingError(f"uid {min(busy & set(wanted))} is used by running processes; "
+                               f"the sandbox needs unused uids: pass --sandbox-uid")
     cfg = workdir.config(**_overrides(course, options))
     releases: dict[str, dict[str, Any]] = {}
     cells: dict[str, dict[str, list[dict]]] = {}
@@ -165,20 +170,25 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
     found, _ = subs.discover(root, expected, releases)
     entries = [Entry(f.student, f.assignment) for f in found]
     started = time.monotonic()
-    bar = _bar(len(found), "grading", options.progress)
-    try:
-        for item, entry in zip(found, entries):
-            bar.set_postfix_str(entry.key, refresh=False)
-            t0 = time.monotonic()
-            if item.assignment not in known:
-                entry.status = (f"unknown assignment folder (expected one of: "
-                                f"{', '.join(known)})")
-            else:
-                _grade_one(item, entry, workdir, cfg, releases[item.assignment])
-            entry.elapsed = time.monotonic() - t0
-            bar.update(1)
-    finally:
-        bar.close()
+    todo = []
+    for item, entry in zip(found, entries):
+        if item.assignment not in known:
+            entry.status = f"unknown assignment folder (expected one of: {', '.join(known)})"
+        elif _prepare(item, entry, workdir, releases[item.assignment]):
+            todo.append(entry)
+    if options.jobs > 1 and len(todo) > 1:
+        _autograde_parallel(todo, workdir, cfg, course, options)
+    else:
+        bar = _bar(len(todo), "grading", options.progress)
+        try:
+            for entry in todo:
+                bar.set_postfix_str(entry.key, refresh=False)
+                t0 = time.monotonic()
+                _autograde(entry, workdir, cfg)
+                entry.elapsed = time.monotonic() - t0
+                bar.update(1)
+        finally:
+            bar.close()
     graded = [e for e in entries if e.graded]
     by_assignment: dict[str, list[Entry]] = {}
     for e in graded:
@@ -196,6 +206,7 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
     for e in entries:
         if not e.graded:
             _status_feedback(e, out)
+    _sweep_strays()
     _save_status(workdir.root, entries)
     export_grades(out)
     _log_run(workdir.root, entries, time.monotonic() - started, box.mode)
@@ -256,9 +267,11 @@ def _bar(total: int, desc: str, enabled: bool):
 # One submission
 
 
-def _grade_one(item: subs.Found, entry: Entry, workdir: Workdir, cfg: Any,
-               releases: dict[str, Any]) -> None:
-    from nbgrader.converters import Autograde
+def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
+             releases: dict[str, Any]) -> bool:
+    """Read, repair and place the submission in submitted/; False when there is nothing
+    nbgrader can grade (the entry then has its final status and a zero grade)."""
+    import nbformat
 
     a, student = item.assignment, item.student
     root = workdir.root
@@ -295,32 +308,113 @@ def _grade_one(item: subs.Found, entry: Entry, workdir: Workdir, cfg: Any,
         entry.status = problems[0] if len(problems) == 1 else "; ".join(problems)
         _zero_submission(workdir, a, student)
         _clear_outputs(root, student, a)
-        return
+        return False
     entry.notes = problems + entry.notes
-    import nbformat
     os.makedirs(submitted, exist_ok=True)
     for name, nb in usable.items():
         nbformat.write(nb, os.path.join(submitted, name + ".ipynb"))
         entry.notebooks[name] = os.path.join(submitted, name + ".ipynb")
+    entry.single = single
+    return True
+
+
+def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> bool:
+    """nbgrader's autograde of one submission (``final``: then read the run reports)."""
+    from nbgrader.converters import Autograde
+
+    a, student, root = entry.assignment, entry.student, workdir.root
     log: list[str] = []
     try:
         run_converter(Autograde, cfg, a, student, log=log, force=True)
     except NbgraderFailure as e:
         entry.status = f"grading error (see {os.path.join('course', 'logs')}): " \
                        f"{str(e).splitlines()[0][:200]}"
+        entry.graded = False
         _zero_submission(workdir, a, student)
         _write_log(root, student, a, e.log)
-        return
+        return False
     _write_log(root, student, a, "\n".join(log))
+    if not final:
+        return True
     entry.graded = True
-    for name in usable:
+    for name in entry.notebooks:
         path = report_path(root, "runs", student, a, name, ".json")
         try:
             with open(path) as f:
                 entry.runs[name] = json.load(f)
         except (OSError, ValueError):
             entry.runs[name] = {"status": "error", "reason": "no run report"}
-    _run_status(entry, single)
+    _run_status(entry, entry.single)
+    return True
+
+
+def _autograde_parallel(todo: list[Entry], workdir: Workdir, cfg: Any, course: Course,
+                        options: GradeOptions) -> None:
+    """Autograde with ``options.jobs`` notebooks running at once (see ExecutionPlan)."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from .preprocessors import ExecutionPlan, SandboxedExecute
+    from .sandbox import CourseView
+
+    plan = ExecutionPlan("collect")
+    SandboxedExecute.plan = plan
+    try:
+        ready = [e for e in todo if _autograde(e, workdir, cfg, final=False)]
+        uids: queue.Queue = queue.Queue()
+        for i in range(options.jobs):
+            uids.put(options.sandbox_uid + i)  # one uid per slot: RLIMIT_NPROC is per uid
+        view = CourseView.default(course.extra_checks_dirs())
+
+        def run(key: tuple) -> tuple:
+            uid = uids.get()
+            try:
+                box = Sandbox.create(options.sandbox, options.limits, view, uid)
+                digest, data = plan.jobs[key]
+                answers = report_path(workdir.root, "answers", key[0], key[1], key[2], ".jsonl")
+                return key, (digest, box.run(data, answers_dest=answers), box.mode)
+            finally:
+                uids.put(uid)
+
+        bar = _bar(len(plan.jobs), "grading", options.progress)
+        elapsed: dict[tuple, float] = {}
+        try:
+            with ThreadPoolExecutor(max_workers=options.jobs) as pool:
+                futures = [pool.submit(run, key) for key in plan.jobs]
+                for future in as_completed(futures):
+                    key, done = future.result()
+                    plan.results[key] = done
+                    elapsed[key[:2]] = elapsed.get(key[:2], 0.0) + done[1].elapsed
+                    bar.set_postfix_str(f"{key[0]}/{key[1]}", refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+        plan.mode = "replay"
+        for entry in ready:
+            _autograde(entry, workdir, cfg)
+            entry.elapsed = elapsed.get((entry.student, entry.assignment), 0.0)
+    finally:
+        SandboxedExecute.plan = None
+
+
+def _sweep_strays() -> None:
+    """Kill any descendant of the grader still carrying a run's marker (without
+    bubblewrap an orphan could outlive its run); with bubblewrap there are none."""
+    import signal
+    from .sandbox import MARKER_ENV, descendants
+    procs = list_processes()
+    me = os.getpid()
+    marker = f"{MARKER_ENV}=".encode()
+    for pid in descendants(procs, [me]):
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker not in f.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _run_status(entry: Entry, single: bool) -> None:

@@ -313,21 +313,27 @@ def set_child_subreaper() -> bool:
 
 
 class Tree:
-    """The processes of one run: descendants of its root, orphans reparented to us, and
-    (as root) anything running as the sandbox uid or carrying the run's marker."""
+    """The processes of one run: descendants of its root, and (as root) anything running
+    as the sandbox uid or carrying the run's marker.  Without bubblewrap, orphans of the
+    run are reparented to the grader (a child subreaper) and recognised by the marker in
+    their environment, so that runs going on at the same time never touch each other."""
 
-    def __init__(self, root_pid: int, uid: int | None, marker: str, before: set[int]):
+    def __init__(self, root_pid: int, uid: int | None, marker: str, before: set[int],
+                 adopt_orphans: bool = False):
         self.root_pid = root_pid
         self.uid = uid
         self.marker = f"{MARKER_ENV}={marker}".encode()
         self.before = before  # our children that existed before this run
+        self.adopt_orphans = adopt_orphans
 
     def pids(self, procs: dict[int, Proc] | None = None, deep: bool = False) -> list[int]:
         procs = list_processes() if procs is None else procs
         me = os.getpid()
-        roots = [self.root_pid] + [p.pid for p in procs.values()
-                                   if p.ppid == me and p.pid not in self.before
-                                   and p.pid != self.root_pid]
+        roots = [self.root_pid]
+        if self.adopt_orphans:
+            roots += [p.pid for p in procs.values()
+                      if p.ppid == me and p.pid not in self.before and p.pid != self.root_pid
+                      and _has_marker(p.pid, self.marker)]
         found = descendants(procs, roots)
         extra = set()
         if self.uid is not None:
@@ -565,7 +571,7 @@ class Sandbox:
             # it cannot have forked yet: everything it starts inherits the cgroup
             cgroup.add(popen.pid)
         os.close(write_fd)
-        tree = Tree(popen.pid, uid, token, before)
+        tree = Tree(popen.pid, uid, token, before, adopt_orphans=self.mode == "none")
         try:
             self._feed(popen, nb)
             self._watch(popen, tree, read_fd, start, result)
