@@ -45,8 +45,11 @@ def _set_limit(res: int, value: int) -> None:
 
 def apply_limits(args: argparse.Namespace) -> None:
     _set_limit(resource.RLIMIT_CORE, 0)
-    if args.cpu_seconds > 0:
-        _set_limit(resource.RLIMIT_CPU, args.cpu_seconds)
+    if args.cpu_seconds > 0:  # SIGXCPU at the limit, SIGKILL 5 s later if it is ignored
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (args.cpu_seconds, args.cpu_seconds + 5))
+        except (ValueError, OSError):
+            _set_limit(resource.RLIMIT_CPU, args.cpu_seconds)
     if args.memory_mb > 0:
         # RLIMIT_DATA, not RLIMIT_AS: torch reserves far more address space than it uses.
         _set_limit(resource.RLIMIT_DATA, args.memory_mb * 2**20)
