@@ -212,6 +212,7 @@ class Case:
     about: str
     forbidden: list[str] = field(default_factory=list)  # text that must not appear in the
     # autograded notebook or the feedback (proof that an attack did not work)
+    unsafe_html: list[str] = field(default_factory=list)  # must not reach the feedback HTML
 
 
 PROBE_LEAK = "LEAKED:"
@@ -300,7 +301,10 @@ FORK_BOMB = ("import os\n"
              "        os.fork()\n"
              "    except OSError:\n"
              "        pass\n")
-OUTPUT_FLOOD = "print('x' * 20_000_000)\nfor _ in range(2000):\n    print('y' * 1000)\n"
+OUTPUT_FLOOD = ("from IPython.display import HTML, display\n"
+                "display(HTML('<scr' + 'ipt>document.title = \"owned\"</scr' + 'ipt>'))\n"
+                "print('x' * 20_000_000)\nfor _ in range(2000):\n    print('y' * 1000)\n")
+UNSAFE_HTML = '<script>document.title = "owned"</script>'
 
 
 def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any, *,
@@ -327,9 +331,11 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     start = lay.before_solutions  # inject after the setup, before any answer
 
     def case(student: str, nb_or_bytes: Any, status: str, score: float, about: str,
-             filename: str = name, forbidden: list[str] = ()) -> Case:
+             filename: str = name, forbidden: list[str] = (), unsafe_html: list[str] = ()
+             ) -> Case:
         data = nb_or_bytes if isinstance(nb_or_bytes, bytes) else dumps(nb_or_bytes)
-        return Case(prefix + student, {filename: data}, status, score, about, list(forbidden))
+        return Case(prefix + student, {filename: data}, status, score, about, list(forbidden),
+                    list(unsafe_html))
 
     wrong = "raise RuntimeError('not done yet')\n"
     cases = [
@@ -352,8 +358,9 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
         case("fork_bomb", inject_cell(good, FORK_BOMB, start),
              r"^killed: process limit .* in cell \d+$", 0.0, "forks forever, before any test"),
         case("output_flood", inject_cell(good, OUTPUT_FLOOD, start), r"^graded$", lay.total,
-             "prints tens of megabytes", forbidden=["y" * 1000 + "\n" + "y" * 1000 + "\n" +
-                                                    "y" * 1000 + "\n" + "y" * 1000]),
+             "prints tens of megabytes and displays a script",
+             forbidden=["y" * 1000 + "\n" + "y" * 1000 + "\n" + "y" * 1000 + "\n" + "y" * 1000],
+             unsafe_html=[UNSAFE_HTML]),
         case("tampered_test", tamper_test(replace_solution(good, s1, wrong), t1),
              rf"^graded; tests tampered: restored {t1}$", lay.without(s1),
              "a wrong answer and its test rewritten to pass"),

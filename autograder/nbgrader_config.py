@@ -43,6 +43,9 @@ c.LimitOutput.max_traceback = 60
 
 # Feedback: hidden tests removed, and test cells reduced to the final error message (the
 # feedback that names the misconception), without traceback frames that quote test code.
+# HTML and JavaScript that a student's code displays must not run in the browser of whoever
+# opens the feedback (the instructor included).
+c.HTMLExporter.sanitize_html = True
 c.GenerateFeedback.preprocessors = [
     GetGrades,
     ShieldMarkers,

@@ -157,6 +157,14 @@ def test_attacks_leave_no_trace_in_outputs_or_feedback(batch):
                     texts.append(open(os.path.join(folder, f), encoding="utf-8").read())
         for forbidden in case.forbidden:
             assert all(forbidden not in t for t in texts), (student, forbidden)
+        for unsafe in case.unsafe_html:
+            graded = json.load(open(os.path.join(batch["out"], "course", "autograded",
+                                                 student, "toy", "toy.ipynb")))
+            shown = ["".join(o["data"].get("text/html", "")) for c in graded["cells"]
+                     for o in c.get("outputs", []) if o.get("output_type") == "display_data"]
+            assert unsafe in "".join(shown)  # the student's code did display it...
+            html_path = os.path.join(batch["out"], "feedback", student, "toy", "toy.html")
+            assert unsafe not in open(html_path, encoding="utf-8").read()  # ...not rendered
     notebook = json.load(open(os.path.join(batch["out"], "course", "autograded",
                                            "read_secrets", "toy", "toy.ipynb")))
     printed = "".join("".join(o.get("text", "")) for c in notebook["cells"]
