@@ -95,6 +95,9 @@ def grade(submissions: str, options: GradeOptions) -> list[Entry]:
     if not os.path.exists(submissions):
         raise GradingError(f"{submissions} does not exist")
     out = os.path.abspath(options.out)
+    source = os.path.realpath(submissions)
+    if os.path.isdir(source) and (os.path.realpath(out) + os.sep).startswith(source + os.sep):
+        raise GradingError("--out must not be inside the submissions folder")
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".grading.lock"), "w")
     try:

@@ -146,6 +146,11 @@ def discover(root: str, expected: dict[str, list[str]], releases: dict[str, dict
             warnings.append(f"skipped folder {student!r}: not a valid student id (letters, "
                             f"digits and . _ @ + -)")
             continue
+        loose = [f for f in sorted(os.listdir(os.path.join(root, student)))
+                 if f.lower().endswith(".ipynb")]
+        if loose and not _subdirs(os.path.join(root, student)):
+            warnings.append(f"skipped {student}/{loose[0]}: notebooks go in "
+                            f"{student}/<assignment>/ (one folder per assignment)")
         for folder in _subdirs(os.path.join(root, student)):
             if not FOLDER_NAME.match(folder):
                 warnings.append(f"skipped folder {student}/{folder!r}: unusual name")

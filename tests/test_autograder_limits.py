@@ -142,6 +142,10 @@ def test_usage_errors_are_one_clear_line(mini, tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist"
+    inside = subprocess.run(run + [str(tmp_path), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert inside.returncode == 2
+    assert inside.stderr.strip() == "error: --out must not be inside the submissions folder"
     (tmp_path / "notes.txt").write_text("x")
     wrong = subprocess.run(run + [str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o")],
                            capture_output=True, text=True)
@@ -182,10 +186,13 @@ def test_layout_problems_get_a_row_each(mini, tmp_path):
     (klass / "ben" / "mini" / "sub").mkdir(parents=True)
     (klass / "ben" / "mini" / "sub" / "mini.ipynb").write_bytes(good)   # one folder deeper
     (klass / "bad name!" / "mini").mkdir(parents=True)
+    (klass / "cid").mkdir()
+    (klass / "cid" / "mini.ipynb").write_bytes(good)                      # no assignment folder
     os.symlink("/etc/passwd", klass / "ben" / "mini" / "other.ipynb")  # never followed
     proc = grade(course, klass, tmp_path / "out", "--no-sandbox")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped folder 'bad name!'" in proc.stderr
+    assert "skipped cid/mini.ipynb: notebooks go in cid/<assignment>/" in proc.stderr
     got = table(tmp_path / "out")
     assert set(got) == {"ann", "ben"}
     assert got["ann"]["status"] == "unknown assignment folder (expected one of: mini, toy)"
