@@ -338,6 +338,7 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
                     list(unsafe_html))
 
     wrong = "raise RuntimeError('not done yet')\n"
+    wrong_nb, sabotaged = _all_wrong(good, lay)
     cases = [
         case("correct", good, r"^graded$", lay.total, "every answer right"),
         case("release", release, r"^graded$", 0.0, "the release, untouched"),
@@ -387,10 +388,11 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
         case("renamed", good, rf"^graded; renamed notebook: graded '{notebook} \(1\)\.ipynb' "
                               rf"as {notebook}\.ipynb$", lay.total,
              "the notebook saved under another name", filename=f"{notebook} (1).ipynb"),
-        case("monkeypatch", inject_cell(_all_wrong(good, lay), MONKEYPATCH.format(
-             assignment=assignment), start),
+        case("monkeypatch", inject_cell(wrong_nb, MONKEYPATCH.format(assignment=assignment),
+                                        start),
              r"^graded; \d+ test cells? re-checked outside the notebook: kernel result not "
-             r"trusted$", 0.0, "every answer wrong, every check helper replaced"),
+             r"trusted$", lay.without(*sabotaged), "every answer wrong, every check helper "
+                                                  "replaced"),
         case("read_secrets", inject_cell(good, read_probe(list(read_paths), list(search_paths),
                                                           list(secret_markers)), start),
              r"^graded$", lay.total, "tries to read solutions, gradebook, other submissions",
@@ -408,29 +410,48 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     return cases
 
 
-def _all_wrong(nb: Any, lay: Layout) -> Any:
+def _all_wrong(nb: Any, lay: Layout) -> tuple[Any, list[str]]:
+    """Every answer made wrong where possible; returns the notebook and the solution cells
+    that were sabotaged."""
+    done = []
     for s in lay.solutions:
-        nb = replace_solution(nb, s, nb.cells[find(nb, s)].source + "\n" + _sabotage(nb, s))
-    return nb
+        extra = _sabotage(nb, s)
+        if extra.strip():
+            nb = replace_solution(nb, s, nb.cells[find(nb, s)].source + "\n" + extra)
+            done.append(s)
+    return nb, done
 
 
 def _sabotage(nb: Any, grade_id: str) -> str:
-    """Code appended to a solution cell that makes whatever it defined wrong: every
-    variable it assigns becomes None and every function it defines returns None."""
+    """Code appended to a solution cell that makes whatever it defined wrong: every name it
+    assigns becomes None and every function or class it defines returns None."""
     import ast
     try:
         tree = ast.parse(nb.cells[find(nb, grade_id)].source)
     except SyntaxError:
         return ""
+    names: list[str] = []
+
+    def targets(node: Any) -> None:
+        if isinstance(node, ast.Name):
+            names.append(node.id)
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                targets(element)
+        elif isinstance(node, ast.Starred):
+            targets(node.value)
+
     lines = []
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             lines.append(f"{node.name} = lambda *args, **kwargs: None")
         elif isinstance(node, ast.Assign):
             for target in node.targets:
-                if isinstance(target, ast.Name):
-                    lines.append(f"{target.id} = None")
-    return "\n".join(lines) + "\n"
+                targets(target)
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets(node.target)
+    lines += [f"{n} = None" for n in dict.fromkeys(names)]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def write_case(case: Case, root: str, assignment: str) -> str:

@@ -44,6 +44,10 @@ def _set_limit(res: int, value: int) -> None:
 
 
 def apply_limits(args: argparse.Namespace) -> None:
+    try:  # the grader's watchdog must keep getting the CPU when a notebook hogs it
+        os.nice(10)
+    except OSError:
+        pass
     _set_limit(resource.RLIMIT_CORE, 0)
     if args.cpu_seconds > 0:  # SIGXCPU at the limit, SIGKILL 5 s later if it is ignored
         try:

@@ -255,6 +255,11 @@ class Proc:
     uid: int
     threads: int
     rss: int  # bytes
+    state: str = "R"
+
+    @property
+    def dead(self) -> bool:
+        return self.state in ("Z", "X", "x")
 
 
 def list_processes() -> dict[int, Proc]:
@@ -272,7 +277,7 @@ def list_processes() -> dict[int, Proc]:
         # rest[0] is the state: fields shift by 3 from the man page numbering
         try:
             out[int(name)] = Proc(int(name), int(rest[1]), uid, int(rest[17]),
-                                  int(rest[21]) * _PAGE)
+                                  int(rest[21]) * _PAGE, rest[0])
         except (IndexError, ValueError):
             continue
     return out
@@ -341,7 +346,8 @@ class Tree:
         if deep:
             extra |= {pid for pid in procs if pid not in found and pid != me
                       and _has_marker(pid, self.marker)}
-        return found + sorted(extra - set(found))
+        # a zombie is dead already: it only waits to be reaped (see kill)
+        return [p for p in found + sorted(extra - set(found)) if not procs[p].dead]
 
     def usage(self, procs: dict[int, Proc]) -> tuple[int, int, list[int]]:
         pids = self.pids(procs)
@@ -352,30 +358,47 @@ class Tree:
     def kill(self, popen: subprocess.Popen | None = None, rounds: int = 100) -> int:
         """SIGKILL everything, parents first, until nothing is left; returns how many
         processes were still found after all rounds (0 when clean)."""
+        killed: set[int] = set()
+        left = 0
         for i in range(rounds):
             pids = self.pids(deep=(i % 10 == 0))
             if popen is not None and popen.poll() is None and popen.pid not in pids:
                 pids.insert(0, popen.pid)
             pids = [p for p in pids if p != os.getpid()]
             if not pids:
-                return 0
+                break
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-            self._reap(pids)
+            killed.update(pids)
+            self._reap(killed)
             time.sleep(0.01 if i < 20 else 0.05)
-        return len([p for p in self.pids(deep=True) if p != os.getpid()])
+        else:
+            left = len([p for p in self.pids(deep=True) if p != os.getpid()])
+        deadline = time.monotonic() + 2.0
+        while self._reap(killed) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return left
 
-    def _reap(self, pids: list[int]) -> None:
-        for pid in pids:
+    def _reap(self, pids: set[int]) -> bool:
+        """Reap the killed processes that became our children (orphans, without
+        bubblewrap); True while some of them are still to be reaped."""
+        waiting = False
+        for pid in list(pids):
             if pid == self.root_pid:
                 continue  # the Popen object reaps its own process
             try:
-                os.waitpid(pid, os.WNOHANG)
+                done, _ = os.waitpid(pid, os.WNOHANG)
             except (ChildProcessError, OSError):
-                pass
+                pids.discard(pid)  # not our child, or gone
+                continue
+            if done:
+                pids.discard(pid)
+            else:
+                waiting = True
+        return waiting
 
 
 def proportional_memory(pids: Iterable[int]) -> int:
@@ -436,11 +459,14 @@ class PidsCgroup:
             return False
 
     def pids(self) -> list[int]:
+        """Live processes of the cgroup (zombies waiting to be reaped are not counted)."""
         try:
             with open(os.path.join(self.path, "cgroup.procs")) as f:
-                return [int(x) for x in f.read().split()]
+                listed = [int(x) for x in f.read().split()]
         except (OSError, ValueError):
             return []
+        procs = list_processes()
+        return [p for p in listed if p in procs and not procs[p].dead]
 
     def remove(self) -> None:
         for _ in range(50):
@@ -660,7 +686,6 @@ class Sandbox:
                     ended |= self._event(line, result)
                 if len(buffer) > MAX_EVENT_BYTES:
                     buffer = b""  # an oversized event is dropped, not accumulated
-            elapsed = time.monotonic() - start
             if eof and popen.poll() is not None:
                 if not ended and result.status == "completed":
                     result.status = "error"
@@ -672,10 +697,6 @@ class Sandbox:
                     popen.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-                return
-            if limits.notebook_timeout and elapsed > limits.notebook_timeout:
-                self._stop(result, "timed out",
-                           f"notebook limit {limits.notebook_timeout:g} s reached", tree, popen)
                 return
             procs = list_processes()
             tasks, rss, pids = tree.usage(procs)
@@ -694,6 +715,11 @@ class Sandbox:
             if limits.memory_mb and rss > limits.memory_mb * 2**20:
                 self._stop(result, "killed", f"memory limit ({_mb(limits.memory_mb)})", tree,
                            popen)
+                return
+            # the wall clock last: a notebook stuck at a limit was stopped by that limit
+            if limits.notebook_timeout and time.monotonic() - start > limits.notebook_timeout:
+                self._stop(result, "timed out",
+                           f"notebook limit {limits.notebook_timeout:g} s reached", tree, popen)
                 return
 
     @staticmethod
