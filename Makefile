@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv book clean
+.PHONY: test test-fast venv book grade-sample clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The README's main command: grade the bundled sample class, print the scores and say
+# where the feedback is.  Safe to run again (the same folder is regraded in place).
+SAMPLE_OUT ?= _build/sample-grading
+grade-sample: $(STAMP)
+	$(PY) -m autograder grade autograder/samples/class --out $(SAMPLE_OUT) --cell-timeout 30
+	@$(PY) -m autograder.samples report $(SAMPLE_OUT)
 
 # The lectures, executed and rendered to HTML in _build/book (open _build/book/index.html).
 book: $(STAMP)

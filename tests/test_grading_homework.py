@@ -1,0 +1,101 @@
+"""Negative controls on the real homework, through the real `grade` command.
+
+One grading run (grading is the expensive part) covers: the bundled sample class, the
+untouched release (must score zero) and every mutant of ``autograder.samples.MUTANTS``
+(each must lose exactly the points of the test cells it breaks, with feedback that names
+the misconception).
+"""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autograder import corpus, samples
+
+ROOT = Path(__file__).resolve().parents[1]
+HOMEWORK = (samples.HW1, samples.HW2)
+pytestmark = pytest.mark.slow
+
+
+def test_committed_sample_class_is_what_the_builders_make():
+    assert samples.drift() == []
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grading")
+    submissions, out = root / "submissions", root / "out"
+    shutil.copytree(samples.CLASS_DIR, submissions)
+    for assignment in HOMEWORK:
+        release = ROOT / "assignments" / assignment / f"{assignment}.ipynb"
+        target = submissions / "release" / assignment
+        target.mkdir(parents=True)
+        shutil.copy(release, target)
+    for mutant in samples.MUTANTS:
+        target = submissions / f"mutant-{mutant.name}" / mutant.assignment
+        target.mkdir(parents=True)
+        (target / f"{mutant.assignment}.ipynb").write_bytes(corpus.dumps(mutant.notebook()))
+    command = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
+               "--cell-timeout", "30", "--jobs", "2", "--no-progress",
+               "--sandbox-uid", str(63000 + os.getpid() % 1000)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "grades.csv", newline="") as f:
+        rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(f)}
+    return rows, out
+
+
+def feedback(out, student, assignment):
+    page = out / "feedback" / student / assignment / f"{assignment}.html"
+    return page.read_text(encoding="utf-8") if page.exists() else ""
+
+
+@pytest.mark.parametrize("sample", samples.sample_class(), ids=lambda s: s.student)
+def test_sample_class(graded, sample):
+    rows, _ = graded
+    for assignment in HOMEWORK:
+        row = rows[(sample.student, assignment)]
+        assert re.search(sample.status[assignment], row["status"]), row["status"]
+        assert float(row["score"]) == sample.expected_score(assignment), (assignment, row)
+
+
+def test_release_scores_zero_and_solutions_full_marks(graded):
+    rows, _ = graded
+    for assignment in HOMEWORK:
+        assert float(rows[("release", assignment)]["score"]) == 0
+        full = rows[("ada", assignment)]
+        assert float(full["score"]) == float(full["max_score"]) > 0
+
+
+@pytest.mark.parametrize("mutant", samples.MUTANTS, ids=lambda m: m.name)
+def test_mutant_loses_exactly_its_points(graded, mutant):
+    rows, out = graded
+    row = rows[(f"mutant-{mutant.name}", mutant.assignment)]
+    assert row["status"] == "graded"
+    assert float(row["score"]) == mutant.expected_score() < float(row["max_score"])
+    page = feedback(out, f"mutant-{mutant.name}", mutant.assignment)
+    for phrase in mutant.feedback:
+        assert phrase.replace("'", "&#39;") in page or phrase in page, phrase
+
+
+def test_feedback_names_misconceptions_and_hides_hidden_tests(graded):
+    _, out = graded
+    page = feedback(out, "ben", samples.HW2)
+    assert "is T_ideal" in page and "m/p = 2 per rank is a common claim" in page
+    for assignment in HOMEWORK:
+        text = feedback(out, "ada", assignment)
+        assert "HIDDEN_SIZES" not in text and "HIDDEN_CASES" not in text
+        assert "BEGIN HIDDEN TESTS" not in text
+
+
+def test_make_grade_sample_report_format(graded):
+    _, out = graded
+    text = samples.report(str(out))
+    assert text.splitlines()[0].split()[:3] == ["student", "assignment", "score"]
+    assert "feedback:" in text
