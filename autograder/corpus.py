@@ -312,6 +312,7 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
                        read_paths: list[str] = (), write_paths: list[str] = (),
                        search_paths: list[str] = ("/sandbox", "/tmp", "."),
                        secret_markers: list[str] = ("BEGIN HIDDEN TESTS", "BEGIN SOLUTION"),
+                       depends: dict[str, list[str]] | None = None,
                        network: list[tuple[str, int]] = (("pypi.org", 443), ("1.1.1.1", 53)),
                        prefix: str = "") -> list[Case]:
     """The standard corpus for one notebook of ``assignment``.
@@ -319,10 +320,15 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     ``deadlock``: (solution cell, code whose ranks hang) for the multi-process exercise;
     ``read_paths`` / ``write_paths``: host paths the sandbox must keep out of reach (the
     course's solutions, the gradebook, other submissions, the grader's home...);
-    ``search_paths``: folders searched for a file holding one of ``secret_markers``.
+    ``search_paths``: folders searched for a file holding one of ``secret_markers``;
+    ``depends``: solution cell -> every test cell that fails when that answer is wrong,
+    where it is more than the tests that follow it (a later test reusing an earlier
+    answer); the expected scores are computed from it.
     Whether a write reached the host must be checked on the host: inside the sandbox
     ``/tmp`` is private and writable."""
     lay = Layout.of(source)
+    if depends:
+        lay.depends.update({k: list(v) for k, v in depends.items()})
     good = solved_notebook(release, source)
     name = f"{notebook}.ipynb"
     s1, s2 = lay.solutions[0], lay.solutions[min(1, len(lay.solutions) - 1)]

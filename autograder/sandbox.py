@@ -124,27 +124,38 @@ _BWRAP_CACHE: dict[str, tuple[str | None, str]] = {}
 
 
 def bwrap_status() -> tuple[str | None, str]:
-    """(path to a working bwrap, "") or (None, why not)."""
+    """(path to a working bwrap, "") or (None, why not).  Probes the options the sandbox
+    uses, so that an old or restricted bubblewrap counts as missing, with the reason."""
     if "status" in _BWRAP_CACHE:
         return _BWRAP_CACHE["status"]
     path = shutil.which("bwrap")
     if path is None:
         result: tuple[str | None, str] = (None, "bubblewrap not found")
     else:
-        cmd = [path] + _namespace_args() + ["--ro-bind", "/", "/", "--proc", "/proc",
-                                             "--dev", "/dev", "true"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            result = (None, f"bubblewrap does not work here ({e})")
+        base = [path] + _namespace_args() + ["--hostname", "sandbox", "--ro-bind", "/", "/",
+                                             "--proc", "/proc", "--dev", "/dev", "--perms",
+                                             "1777"]
+        ok, why = _probe(base + ["--size", str(2**20), "--tmpfs", "/tmp", "true"])
+        if ok:
+            result = (path, "")
         else:
-            if proc.returncode == 0:
+            ok, _ = _probe(base + ["--tmpfs", "/tmp", "true"])
+            if ok:  # an older bubblewrap: no size limit for the private /tmp
+                _BWRAP_CACHE["no_size"] = (path, "")
                 result = (path, "")
             else:
-                why = (proc.stderr or proc.stdout).strip().splitlines()
-                result = (None, f"bubblewrap does not work here ({why[-1] if why else proc.returncode})")
+                result = (None, f"bubblewrap does not work here ({why})")
     _BWRAP_CACHE["status"] = result
     return result
+
+
+def _probe(cmd: list[str]) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return proc.returncode == 0, (lines[-1] if lines else f"exit code {proc.returncode}")
 
 
 def sandbox_warning(reason: str) -> str:
@@ -206,7 +217,7 @@ def bwrap_command(bwrap: str, work: str, view: CourseView, limits: Limits,
     if hosts_file:  # torch.distributed resolves the host name; "sandbox" must resolve
         cmd += ["--ro-bind", hosts_file, "/etc/hosts"]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777"]
-    if limits.tmp_size_mb:
+    if limits.tmp_size_mb and "no_size" not in _BWRAP_CACHE:
         cmd += ["--size", str(limits.tmp_size_mb * 2**20)]
     cmd += ["--tmpfs", "/tmp"]
     made = {"/", "/usr", "/etc", "/tmp", "/proc", "/dev"}
