@@ -155,15 +155,18 @@ class Mutant:
 N = 8 * 128 * 1024  # B*S*d of hw1, as a student would write it in a wrong answer
 
 MUTANTS = [
-    Mutant("t_total_is_t_ideal", HW2, {"a1": "T_total = 8 * (2 + 4)"}, {"test_T_total"},
-           ["is T_ideal"]),
+    # The solution computes the ratio from T_total, so a wrong T_total costs both.
+    Mutant("t_total_is_t_ideal", HW2, {"a1": "T_total = 8 * (2 + 4)"},
+           {"test_T_total", "test_time_ratio"}, ["is T_ideal"]),
     Mutant("ratio_is_bubble_overhead", HW2, {"a3": "time_ratio = 3 / 8"}, {"test_time_ratio"},
            ["a different quantity also called"]),
     Mutant("ratio_is_bubble_fraction", HW2, {"a3": "time_ratio = 3 / 11"},
            {"test_time_ratio"}, ["the idle share"]),
     Mutant("fill_of_p_slots", HW2,
            {"b1": "T_total_formula = (m + p) * (t_f + t_b)\nT_ideal_formula = m * (t_f + t_b)"},
-           {"test_T_formulas"}, ["one slot too many"]),
+           # B2-B4 are derived from B1's formula: the error carries through.
+           {"test_T_formulas", "test_quantity_formulas", "test_quantities_p4_m8", "test_min_m"},
+           ["one slot too many"]),
     Mutant("peak_m_over_p", HW2, {"c2": "peak_gpipe = [8, 8, 8, 8]\npeak_1f1b = [2, 2, 2, 2]"},
            {"test_peaks"}, ["m/p = 2 per rank is a common claim"]),
     Mutant("1f1b_shrinks_the_bubble", HW2,

@@ -116,10 +116,27 @@ def test_hw2_schedule_diagnoses():
     assert "p=6, m=4: no forward/backward" in verdict(hw2, "schedules_hidden", hidden).message
 
 
-def test_hw2_own_implementation():
-    assert verdict(hw2, "own_implementation", "def one_f_one_b(p, m):\n    return x").passed
-    delegating = "def one_f_one_b(p, m):\n    return schedules.one_f_one_b(p, m)"
-    assert "not call the library" in verdict(hw2, "own_implementation", delegating).message
+def students_one_f_one_b(p_value, m_value):
+    """A student's own 1F1B: warm-up, steady 1F1B, cool-down."""
+    orders = []
+    for r in range(p_value):
+        warmup = min(p_value - r - 1, m_value)
+        row = [Action("F", i, r) for i in range(warmup)]
+        for k in range(m_value - warmup):
+            row += [Action("F", warmup + k, r), Action("B", k, r)]
+        orders.append(tuple(row + [Action("B", i, r) for i in range(m_value - warmup, m_value)]))
+    return Schedule(tuple(orders), m_value, p_value)
+
+
+def test_hw2_own_implementation_catches_delegation_even_through_an_alias():
+    reference = schedules.one_f_one_b  # an alias bound before the library is switched off
+    outcome = hw2.without_library(lambda: reference(*hw2.ORIGINALITY_SIZE))
+    result = verdict(hw2, "own_implementation", outcome)
+    assert not result.passed and "not call the library" in result.message
+    own = hw2.without_library(lambda: students_one_f_one_b(*hw2.ORIGINALITY_SIZE))
+    assert verdict(hw2, "own_implementation", own).passed
+    # The library works again afterwards.
+    assert schedules.one_f_one_b(2, 2).to_strings()[0] == ["0F0", "0F1", "0B0", "0B1"]
 
 
 # -- hw1 -------------------------------------------------------------------------------------
@@ -234,6 +251,18 @@ def test_hw1_tp_ffn_check_on_real_runs(ffn, phrase):
         assert result.passed, result.message
     else:
         assert not result.passed and phrase in result.message
+
+
+def test_hw1_own_implementation():
+    good = hw1.without_library(make_ffn(GoodF, GoodG))
+    assert verdict(hw1, "own_implementation", good).passed
+
+    def delegating(x, w1, b1, w2, b2):
+        import torch.nn.functional as F
+        y = F.gelu(F.linear(tp.copy_to_tp(x), w1, b1))
+        return tp.reduce_from_tp(F.linear(y, w2)) + b2
+    result = verdict(hw1, "own_implementation", hw1.without_library(delegating))
+    assert not result.passed and "yourself" in result.message
 
 
 def test_hw1_reference_layers_pass_the_check():

@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from autograder.checks import Verdict, make_checker
+from autograder.checks import Verdict, make_checker, originality
 from paralab import comm, formulas, tp
 from paralab.formulas import evaluate
 
@@ -306,19 +306,26 @@ def tp_ffn_hidden_check(value) -> Verdict:
     return Verdict(True, f"correct on {len(HIDDEN_CASES)} other sizes and world sizes")
 
 
-FORBIDDEN = ("paralab.tp", "from paralab import tp", "tp.copy_to_tp", "copy_to_tp(",
-             "reduce_from_tp(", "ParallelFFN", "ColumnParallelLinear", "RowParallelLinear",
-             "_CopyToTP", "_ReduceFromTP")
+ORIGINALITY_CASE = (1, 2, 3, 8, 3)
 
 
-def own_implementation_check(source) -> Verdict:
-    if not isinstance(source, str) or "def forward" not in source:
-        return Verdict(False, "could not find your CopyToTP / ReduceFromTP definitions")
-    used = [name for name in FORBIDDEN if name in source]
-    if used:
-        return Verdict(False, f"write f and g yourself instead of using paralab.tp "
-                              f"({', '.join(used)})")
-    return Verdict(True, "your own implementation")
+def without_library(tp_ffn):
+    """Run ``tp_ffn`` once in this process with paralab.tp switched off (hidden test)."""
+    functions = [tp.copy_to_tp, tp.reduce_from_tp, tp.gather_from_tp, tp.scatter_to_tp,
+                 tp.ColumnParallelLinear.forward, tp.RowParallelLinear.forward,
+                 tp.ParallelFFN.forward]
+    for op in (tp._CopyToTP, tp._ReduceFromTP, tp._GatherFromTP, tp._ScatterToTP):
+        functions += [op.forward, op.backward]
+    return originality.without(functions,
+                               lambda: [tp_ffn_worker(0, 1, tp_ffn, ORIGINALITY_CASE)])
+
+
+def own_implementation_check(value) -> Verdict:
+    if value == originality.REFERENCE_USED:
+        return Verdict(False, "write f and g yourself instead of using paralab.tp")
+    verdict = tp_ffn_check(ORIGINALITY_CASE)(value)
+    return Verdict(verdict.passed, "your own implementation" if verdict.passed
+                   else verdict.message)
 
 
 CHECKS = {key: shape_check(key) for key in SHAPE_KEYS}

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import sympy as sp
 
-from autograder.checks import Verdict, make_checker
+from autograder.checks import Verdict, make_checker, originality
 from paralab import formulas
 from paralab.formulas import evaluate
 from paralab.schedules import Schedule, ScheduleError, gpipe, validate
@@ -326,18 +326,23 @@ def executor_check(value) -> Verdict:
                          f"measured peak activations {result.peak_activations}")
 
 
-FORBIDDEN_CALLS = ("schedules.one_f_one_b", "import one_f_one_b", "build(", "GENERATORS",
-                   "interleaved_one_f_one_b(", "zb_h1(", "gpipe(")
+ORIGINALITY_SIZE = (5, 7)
 
 
-def own_implementation_check(source) -> Verdict:
-    if not isinstance(source, str) or "def one_f_one_b" not in source:
-        return Verdict(False, "could not find your definition of one_f_one_b")
-    used = [name for name in FORBIDDEN_CALLS if name in source]
-    if used:
-        return Verdict(False, f"one_f_one_b must build the order itself, not call the library's "
-                              f"generators ({', '.join(used)})")
-    return Verdict(True, "your own implementation")
+def without_library(call):
+    """Run ``call`` with the library's schedule generators switched off (hidden test)."""
+    from paralab import schedules
+    return originality.without([schedules.gpipe, schedules.one_f_one_b, schedules.zb_h1,
+                                schedules.interleaved_one_f_one_b, schedules.build], call)
+
+
+def own_implementation_check(value) -> Verdict:
+    if value == originality.REFERENCE_USED:
+        return Verdict(False, "one_f_one_b must build the order itself, not call the "
+                              "library's schedule generators")
+    verdict = diagnose_schedule(value, *ORIGINALITY_SIZE)
+    return Verdict(verdict.passed, "your own implementation" if verdict.passed
+                   else verdict.message)
 
 
 _T16 = timing_checks(HOMEWORK_16)
