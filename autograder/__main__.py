@@ -71,11 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-seconds", type=int, default=d.cpu_seconds,
                    help="CPU seconds per process (default: twice the notebook timeout)")
     p.add_argument("--sandbox-uid", type=int, default=DEFAULT_SANDBOX_UID,
-                   help=f"unused uid the notebooks run as when grading as root "
-                        f"({DEFAULT_SANDBOX_UID})")
+                   help=f"as root, notebooks run as the first uid from this one on that no "
+                        f"process uses and no other grading run holds ({DEFAULT_SANDBOX_UID})")
     p.add_argument("--jobs", "-j", type=int, default=1,
-                   help="notebooks run at the same time (1); as root each uses its own uid "
-                        "from --sandbox-uid on")
+                   help="notebooks run at the same time (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export", help="rewrite OUT/grades.csv from OUT's gradebook (e.g. "

@@ -119,7 +119,7 @@ class SandboxedExecute(Execute):
             "running": result.running, "interrupted": result.interrupted,
             "elapsed": round(result.elapsed, 2), "peak_memory_mb": round(result.peak_memory_mb),
             "peak_tasks": result.peak_tasks, "survivors": result.survivors,
-            "sandbox": mode, "answers": answers,
+            "sandbox": mode, "answers": answers, "marker": result.marker, "uid": result.uid,
             "cells": [{"index": i, "grade_id": c.metadata.get("nbgrader", {}).get("grade_id")}
                       for i, c in enumerate(nb.cells)],
             "log": result.log[-2000:],

@@ -114,6 +114,8 @@ class RunResult:
     answers_path: str | None = None
     interrupted: list[int] = field(default_factory=list)
     log: str = ""
+    marker: str = ""                 # the run's token (PARALAB_SANDBOX_RUN=<token>)
+    uid: int | None = None           # the uid it ran as, when the grader is root
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,6 +497,64 @@ class PidsCgroup:
                 time.sleep(0.05)
 
 
+class UidLease:
+    """An unused uid for one run, from ``base`` on, held with a lock file, so that
+    grading runs going on at the same time (other jobs, other instructors' graders) never
+    share a uid: the process limit and the clean-up work per uid."""
+
+    SPAN = 1000
+
+    def __init__(self, base: int):
+        self.base = base
+        self.uid: int | None = None
+        self.fd: int | None = None
+
+    @staticmethod
+    def _directory() -> str | None:
+        for parent in ("/run/lock", tempfile.gettempdir()):
+            path = os.path.join(parent, "paralab-sandbox-uids")
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                st = os.lstat(path)
+            except OSError:
+                continue
+            import stat
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and \
+                    not st.st_mode & 0o022:
+                return path
+        return None
+
+    def acquire(self) -> int:
+        import fcntl
+        folder = self._directory()
+        busy = {p.uid for p in list_processes().values()}
+        for uid in range(self.base, self.base + self.SPAN):
+            if uid in busy:
+                continue
+            if folder is None:  # nowhere to lock: take the first uid nothing runs as
+                self.uid = uid
+                return uid
+            try:
+                fd = os.open(os.path.join(folder, f"{uid}.lock"),
+                             os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self.uid, self.fd = uid, fd
+            return uid
+        raise RuntimeError(f"no unused uid from {self.base} to {self.base + self.SPAN - 1} "
+                           f"for the sandbox (see --sandbox-uid)")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
 def tasks_of_uid(uid: int) -> int:
     return sum(p.threads for p in list_processes().values() if p.uid == uid)
 
@@ -544,19 +604,27 @@ class Sandbox:
     def drops_uid(self) -> bool:
         return self.mode == "bwrap" and os.geteuid() == 0
 
-    def uid_in_use(self) -> bool:
-        return self.drops_uid and any(p.uid == self.sandbox_uid
-                                      for p in list_processes().values())
-
     def run(self, nb: dict, answers_dest: str | None = None) -> RunResult:
         """Execute ``nb`` (a notebook as a dict); outputs come back in the result."""
+        lease = UidLease(self.sandbox_uid) if self.drops_uid else None
+        if lease is not None:
+            try:
+                lease.acquire()
+            except RuntimeError as e:
+                return RunResult(status="error", reason=str(e))
+        try:
+            return self._run(nb, answers_dest, lease.uid if lease is not None else None)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _run(self, nb: dict, answers_dest: str | None, uid: int | None) -> RunResult:
         limits = self.limits
         base = tempfile.mkdtemp(prefix="paralab-sandbox-", dir=self.tmp_root)
         os.chmod(base, 0o700)
         work = os.path.join(base, "work")
         os.mkdir(work, 0o700)
         token = secrets.token_hex(8)
-        uid = self.sandbox_uid if self.drops_uid else None
         if uid is not None:
             os.chown(work, uid, uid)
         inside_work = WORK_IN_SANDBOX if self.mode == "bwrap" else work
@@ -590,7 +658,7 @@ class Sandbox:
             cmd = bwrap_command(self.bwrap, work, self.view, limits, inner, hosts)
         else:
             cmd = inner
-        result = RunResult()
+        result = RunResult(marker=token, uid=uid)
         log_path = os.path.join(base, "executor.log")
         before = {p.pid for p in list_processes().values() if p.ppid == os.getpid()}
         start = time.monotonic()
