@@ -779,10 +779,7 @@ class Sandbox:
                 return
             procs = list_processes()
             tasks, rss, pids = tree.usage(procs)
-            if limits.memory_mb and rss > limits.memory_mb * 2**20:
-                rss = proportional_memory(pids)  # slower, so only when it matters
             result.peak_tasks = max(result.peak_tasks, tasks)
-            result.peak_memory_mb = max(result.peak_memory_mb, rss / 2**20)
             if limits.max_procs and tasks >= 0.9 * limits.max_procs:
                 near_cap_since = near_cap_since or time.monotonic()
                 if tasks > limits.max_procs * 1.5 or time.monotonic() - near_cap_since > 1.0:
@@ -791,6 +788,12 @@ class Sandbox:
                     return
             else:
                 near_cap_since = None
+            if limits.memory_mb and rss > limits.memory_mb * 2**20:
+                # the resident sizes count pages shared by forked processes once per
+                # process; the proportional sizes do not, but cost more to read, so only
+                # now (and after the process check: a fork bomb has many processes)
+                rss = proportional_memory(pids)
+            result.peak_memory_mb = max(result.peak_memory_mb, rss / 2**20)
             if limits.memory_mb and rss > limits.memory_mb * 2**20:
                 self._stop(result, "killed", f"memory limit ({_mb(limits.memory_mb)})", tree,
                            popen)
