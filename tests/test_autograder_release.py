@@ -116,6 +116,12 @@ def test_cli_generate_and_check_release(tmp_path):
     bad = subprocess.run(run + ["check-release", "mini", "--course-root", str(root)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "assignments/mini/answers.py" in bad.stdout
+    sources = subprocess.run(run + ["sources", "mini", "--course-root", str(root)],
+                             capture_output=True, text=True)
+    assert sources.stdout.split() == ["solutions/mini/mini.ipynb"]
+    ok = subprocess.run(run + ["check-release", "mini", "--course-root", str(root)],
+                        capture_output=True, text=True)
+    assert "solutions/mini/mini.ipynb" not in ok.stdout  # sources never reach the release
     usage = subprocess.run(run + ["generate", "hw9", "--course-root", str(root)],
                            capture_output=True, text=True)
     assert usage.returncode == 2
