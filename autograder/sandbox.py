@@ -343,6 +343,7 @@ class Tree:
         self.marker = f"{MARKER_ENV}={marker}".encode()
         self.before = before  # our children that existed before this run
         self.adopt_orphans = adopt_orphans
+        self.cgroup: PidsCgroup | None = None
 
     def pids(self, procs: dict[int, Proc] | None = None, deep: bool = False) -> list[int]:
         procs = list_processes() if procs is None else procs
@@ -370,11 +371,27 @@ class Tree:
 
     def kill(self, popen: subprocess.Popen | None = None, rounds: int = 100) -> int:
         """SIGKILL everything, parents first, until nothing is left; returns how many
-        processes were still found after all rounds (0 when clean)."""
+        processes were still found after all rounds (0 when clean).  Without a pid
+        namespace a fork bomb refills every slot that a kill frees, so the processes are
+        first stopped (a stopped process cannot fork), and a pids cgroup closed."""
+        if self.cgroup is not None:
+            self.cgroup.close()
+        for _ in range(5):
+            pids = [p for p in self.pids() if p != os.getpid()]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            procs = list_processes()
+            if all(procs[p].state in ("T", "t") or procs[p].dead for p in pids if p in procs):
+                break
         killed: set[int] = set()
         left = 0
         for i in range(rounds):
             pids = self.pids(deep=(i % 10 == 0))
+            if self.cgroup is not None:
+                pids += [p for p in self.cgroup.pids() if p not in pids]
             if popen is not None and popen.poll() is None and popen.pid not in pids:
                 pids.insert(0, popen.pid)
             pids = [p for p in pids if p != os.getpid()]
@@ -462,6 +479,14 @@ class PidsCgroup:
             except OSError:
                 continue
         return None
+
+    def close(self) -> None:
+        """No new process in the cgroup from now on (forks fail), before the kill."""
+        try:
+            with open(os.path.join(self.path, "pids.max"), "w") as f:
+                f.write("0")
+        except OSError:
+            pass
 
     def add(self, pid: int) -> bool:
         try:
@@ -677,6 +702,7 @@ class Sandbox:
             cgroup.add(popen.pid)
         os.close(write_fd)
         tree = Tree(popen.pid, uid, token, before, adopt_orphans=self.mode == "none")
+        tree.cgroup = cgroup
         try:
             self._feed(popen, nb)
             self._watch(popen, tree, read_fd, start, result)
@@ -782,22 +808,25 @@ class Sandbox:
             result.peak_tasks = max(result.peak_tasks, tasks)
             if limits.max_procs and tasks >= 0.9 * limits.max_procs:
                 near_cap_since = near_cap_since or time.monotonic()
-                if tasks > limits.max_procs * 1.5 or time.monotonic() - near_cap_since > 1.0:
+                if tasks > limits.max_procs * 1.5 or time.monotonic() - near_cap_since > 0.5:
                     self._stop(result, "killed", f"process limit ({limits.max_procs})", tree,
                                popen)
                     return
             else:
                 near_cap_since = None
+            memory: int | None = rss
             if limits.memory_mb and rss > limits.memory_mb * 2**20:
                 # the resident sizes count pages shared by forked processes once per
                 # process; the proportional sizes do not, but cost more to read, so only
-                # now (and after the process check: a fork bomb has many processes)
-                rss = proportional_memory(pids)
-            result.peak_memory_mb = max(result.peak_memory_mb, rss / 2**20)
-            if limits.memory_mb and rss > limits.memory_mb * 2**20:
-                self._stop(result, "killed", f"memory limit ({_mb(limits.memory_mb)})", tree,
-                           popen)
-                return
+                # now, and not while the process limit is about to decide (a fork bomb
+                # has many processes, each with a large resident size)
+                memory = proportional_memory(pids) if near_cap_since is None else None
+            if memory is not None:
+                result.peak_memory_mb = max(result.peak_memory_mb, memory / 2**20)
+                if limits.memory_mb and memory > limits.memory_mb * 2**20:
+                    self._stop(result, "killed", f"memory limit ({_mb(limits.memory_mb)})",
+                               tree, popen)
+                    return
             # the wall clock last: a notebook stuck at a limit was stopped by that limit
             if limits.notebook_timeout and time.monotonic() - start > limits.notebook_timeout:
                 self._stop(result, "timed out",
