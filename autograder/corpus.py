@@ -222,10 +222,15 @@ PROBE_WROTE = "WROTE OUTSIDE:"
 
 def read_probe(paths: list[str], search: list[str] = (), markers: list[str] = ()) -> str:
     """Code that tries to read ``paths`` and to find a file containing one of ``markers``
-    under the folders ``search``; prints LEAKED: for anything it gets."""
+    under the folders ``search``; prints LEAKED: for anything it gets.
+
+    The Python installation is skipped: it is meant to be readable, and nbgrader's own
+    sources contain the markers (a checkout under /tmp puts its .venv in the search)."""
     # the marker is assembled at run time, so that only an output can contain it
-    return ("import os\n"
+    return ("import os, sys\n"
             f"_leak = {PROBE_LEAK[:4]!r} + {PROBE_LEAK[4:]!r}\n"
+            "_python = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, "
+            "sys.base_prefix})\n"
             f"for _p in {list(paths)!r}:\n"
             "    try:\n"
             "        with open(_p, 'rb') as _f:\n"
@@ -235,6 +240,9 @@ def read_probe(paths: list[str], search: list[str] = (), markers: list[str] = ()
             "        print('blocked:', _p, type(_e).__name__)\n"
             f"for _root in {list(search)!r}:\n"
             "    for _dir, _dirs, _files in os.walk(_root):\n"
+            "        if (os.path.realpath(_dir) + os.sep).startswith(_python):\n"
+            "            _dirs[:] = []\n"
+            "            continue\n"
             "        for _name in _files:\n"
             "            try:\n"
             "                with open(os.path.join(_dir, _name), 'rb') as _f:\n"
