@@ -17,15 +17,18 @@ with a tag naming the (kind, microbatch, stage) it carries.  So no rank ever blo
 send, a receive can only wait for an action the schedule really runs earlier on another
 rank, and messages can't be confused.  If the schedule itself can deadlock, the simulator
 says so before any process starts.  (We avoid ``batch_isend_irecv``, which is known to hang
-on gloo in some patterns.)
+on gloo in some patterns.)  NCCL ignores tags and matches a pair's messages in the order
+they are posted; :func:`check_message_order` verifies that before an NCCL run (every
+schedule this library generates passes).  The tests run on gloo; the NCCL path has not been
+exercised on GPUs yet.
 
 What comes back: the per-microbatch losses, every parameter's gradient (to compare with a
 single-process run), a *measured* :class:`~paralab.timeline.Timeline` of compute intervals
 (waiting is idle, as in the simulator), and activation memory per rank measured with
 saved-tensor hooks.  ``synthetic`` makes each action last a fixed time (its real compute
 runs inside it) so bubbles are visible and reproducible on a laptop where 4 ranks share 2
-cores; ``recompute`` keeps only
-each stage's input in the forward and recomputes the rest in the backward.
+cores; ``recompute`` keeps only each stage's input in the forward and recomputes the rest
+in the backward.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import launch
-from .schedules import Action, Schedule, validate
+from .schedules import Action, Schedule, ScheduleError, validate
 from .simulator import simulate
 from .memory import SavedTensorMeter
 from .timeline import Event, Timeline
@@ -154,6 +157,8 @@ def run_pipeline(schedule: Schedule, model: PipelineModel = PipelineModel(), *,
     computes for real, then sleeps out the rest of its cost.  The schedule is validated -- and simulated, to rule out deadlocks --
     before any process starts, so a broken schedule fails at once with a clear message."""
     validate(schedule)
+    if launch._resolve_backend(backend, schedule.num_ranks) == "nccl":
+        check_message_order(schedule)
     costs = _synthetic_costs(synthetic, schedule)
     simulated = None
     if check_deadlock:  # raises DeadlockError naming the stuck ranks
@@ -171,6 +176,45 @@ def run_pipeline(schedule: Schedule, model: PipelineModel = PipelineModel(), *,
     return PipelineResult(schedule, timeline, [losses[i] for i in sorted(losses)], grads, peaks,
                           memory, simulated if costs else None,
                           {"synthetic": costs, "recompute": recompute})
+
+
+def message_orders(schedule: Schedule) -> dict:
+    """For each directed pair of ranks, the messages in the order the sender sends them and
+    in the order the receiver needs them: ``{(src, dst): (sent, needed)}``.
+
+    A message is ``("activation"|"gradient", microbatch, consuming stage)``.  Gloo matches
+    messages by tag, so any order works; NCCL ignores tags and matches a pair's messages in
+    the order they are posted, so there both lists must be equal."""
+    last = schedule.num_stages - 1
+    orders: dict = {}
+
+    def entry(src, dst):
+        return orders.setdefault((src, dst), ([], []))
+
+    for rank, row in enumerate(schedule.orders):
+        for op, i, s in row:
+            if op == "F" and s < last and schedule.rank_of(s + 1) != rank:
+                entry(rank, schedule.rank_of(s + 1))[0].append(("activation", i, s + 1))
+            if op == "F" and s > 0 and schedule.rank_of(s - 1) != rank:
+                entry(schedule.rank_of(s - 1), rank)[1].append(("activation", i, s))
+            if op == "B" and s > 0 and schedule.rank_of(s - 1) != rank:
+                entry(rank, schedule.rank_of(s - 1))[0].append(("gradient", i, s - 1))
+            if op == "B" and s < last and schedule.rank_of(s + 1) != rank:
+                entry(schedule.rank_of(s + 1), rank)[1].append(("gradient", i, s))
+    return orders
+
+
+def check_message_order(schedule: Schedule) -> None:
+    """Raise :class:`ScheduleError` if some pair of ranks would post its messages in
+    different orders on the two sides (fatal on NCCL, see :func:`message_orders`)."""
+    for (src, dst), (sent, needed) in sorted(message_orders(schedule).items()):
+        if sent != needed:
+            k = next(k for k, (a, b) in enumerate(zip(sent, needed)) if a != b)
+            raise ScheduleError(
+                f"rank {src} sends its messages to rank {dst} in a different order than rank "
+                f"{dst} needs them (message {k}: sends the {sent[k][0]} of microbatch "
+                f"{sent[k][1]}, needs the {needed[k][0]} of microbatch {needed[k][1]}); NCCL "
+                f"matches point-to-point messages in order, so this schedule runs on gloo only")
 
 
 def _synthetic_costs(synthetic, schedule: Schedule):
