@@ -340,7 +340,6 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     good = solved_notebook(release, source)
     name = f"{notebook}.ipynb"
     s1, s2 = lay.solutions[0], lay.solutions[min(1, len(lay.solutions) - 1)]
-    last_sol = lay.solutions[-1]
     t1 = lay.depends[s1][0] if lay.depends[s1] else lay.first_test
     start = lay.before_solutions  # inject after the setup, before any answer
 
