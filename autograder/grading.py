@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import pages
 from . import submissions as subs
 from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_cells,
                      quiet_logs, run_converter, source_cells, validate_assignment)
@@ -187,6 +188,7 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
         finally:
             bar.close()
     graded = [e for e in entries if e.graded]
+    _run_probes(graded, workdir, modules, course, options)
     by_assignment: dict[str, list[Entry]] = {}
     for e in graded:
         by_assignment.setdefault(e.assignment, []).append(e)
@@ -194,9 +196,12 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
         verdicts = _verify(course, a, group, workdir.root, options)
         _apply_verdicts(group, verdicts, workdir, cells[a])
     bar = _bar(len(graded), "feedback", options.progress)
+    has_mathjax = pages.install_mathjax(os.path.join(out, "feedback", pages.MATHJAX_DIR))
+    titles = {(a, n): pages.question_titles(cells[a][n], modules[a].GRADE_CELLS)
+              for a in cells for n in cells[a]}
     try:
         for e in graded:
-            _feedback(e, workdir, cfg, out)
+            _feedback(e, workdir, cfg, out, titles, has_mathjax)
             bar.update(1)
     finally:
         bar.close()
@@ -468,6 +473,62 @@ def _write_log(root: str, student: str, assignment: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Originality probes (see autograder/probes.py)
+
+
+def _run_probes(graded: list[Entry], workdir: Workdir, modules: dict, course: Course,
+                options: GradeOptions) -> None:
+    """Run each graded submission's probe notebook (its assignment's PROBES) in the
+    sandbox, against a copy of the library without the reference implementations."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import probes
+    from .sandbox import CourseView
+
+    todo = [(e, name) for e in graded
+            if getattr(modules.get(e.assignment), "PROBES", None) for name in e.runs]
+    if not todo:
+        return
+    root = workdir.root
+    base = CourseView.default(course.extra_checks_dirs())
+    with tempfile.TemporaryDirectory(prefix="paralab-probes-") as tmp:
+        boxes = {}
+        for a in sorted({e.assignment for e, _ in todo}):
+            try:
+                stripped = probes.strip_library(base.paralab_dir,
+                                                probes.unavailable_names(modules[a]),
+                                                os.path.join(tmp, a))
+            except probes.ProbeError as err:
+                raise GradingError(f"course error: PROBES of autograder/checks/{a}.py: "
+                                   f"{err}") from None
+            view = dataclasses.replace(base, paralab_dir=stripped)
+            box = Sandbox.create(options.sandbox, options.limits, view, options.sandbox_uid)
+            if box.mode == "none":  # no mount namespace: put the copy first on the path
+                box.extra_env["PYTHONPATH"] = os.path.dirname(stripped)
+            boxes[a] = box
+
+        def run(item: tuple[Entry, str]) -> None:
+            e, name = item
+            nb = probes.read_notebook(os.path.join(root, "autograded", e.student,
+                                                   e.assignment, name + ".ipynb"))
+            if nb is None:
+                return
+            notebook = probes.probe_notebook(nb, e.assignment, modules[e.assignment].PROBES)
+            dest = report_path(root, "answers", e.student, e.assignment, name,
+                               ".probe.jsonl")
+            boxes[e.assignment].run(notebook, answers_dest=dest)
+
+        bar = _bar(len(todo), "originality", options.progress)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+                for _ in pool.map(run, todo):
+                    bar.update(1)
+        finally:
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------------
 # Clean verdict
 
 
@@ -520,9 +581,9 @@ def _run_verify(course: Course, assignment: str, paths: list[str], count: int
 
 def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                     cells: dict[str, list[dict]]) -> None:
-    """Set each autograded test cell's score from its clean verdict."""
+    """Set each autograded test cell's score from its clean verdict: the cell's points
+    times the weight of its checks that passed (see :mod:`autograder.verify`)."""
     from nbgrader.api import Gradebook
-    import nbformat
 
     root = workdir.root
     with quiet_logs(), Gradebook(workdir.config().CourseDirectory.db_url) as gb:
@@ -531,25 +592,26 @@ def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                 tests = {c["grade_id"]: c for c in autograded_cells(cells[name])}
                 clean = verdicts.get((e.student, name))
                 if clean is None:
-                    clean = {gid: {"passed": False, "message": "the answers could not be "
-                                   "re-checked outside the notebook"} for gid in tests}
+                    clean = {gid: {"score": 0.0, "passed": False, "checks": [],
+                                   "message": "the answers could not be re-checked outside "
+                                              "the notebook"} for gid in tests}
                     e.notes.append("re-check failed: test cells scored 0")
-                kernel = _kernel_results(os.path.join(root, "autograded", e.student,
-                                                      e.assignment, name + ".ipynb"))
+                kernel = kernel_results(os.path.join(root, "autograded", e.student,
+                                                     e.assignment, name + ".ipynb"))
                 out = {}
                 for gid, cell in tests.items():
-                    verdict = clean.get(gid) or {"passed": False,
+                    verdict = clean.get(gid) or {"score": 0.0, "passed": False, "checks": [],
                                                  "message": "no verdict for this test"}
-                    passed = bool(verdict.get("passed"))
-                    overturned = gid in kernel and kernel[gid] != passed
-                    e.overturned += overturned
-                    out[gid] = {"passed": passed, "message": str(verdict.get("message", "")),
-                                "kernel_passed": kernel.get(gid), "overturned": overturned}
+                    said = kernel.get(gid, {})
+                    overturned = [c["key"] for c in verdict.get("checks", [])
+                                  if c["key"] in said and said[c["key"]] != c["passed"]]
+                    e.overturned += len(overturned)
+                    out[gid] = dict(verdict, kernel=said, overturned=overturned)
                     try:
                         grade = gb.find_grade(gid, name, e.assignment, e.student)
                     except Exception:  # noqa: BLE001 - a cell nbgrader did not record
                         continue
-                    grade.auto_score = cell["points"] if passed else 0.0
+                    grade.auto_score = cell_score(cell["points"], verdict)
                     grade.needs_manual_grade = grade.manual_score is not None
                 path = report_path(root, "verdicts", e.student, e.assignment, name, ".json")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -557,25 +619,48 @@ def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                     json.dump(out, f, indent=1)
             if e.overturned:
                 s = "s" if e.overturned > 1 else ""
-                e.notes.append(f"{e.overturned} test cell{s} re-checked outside the notebook: "
+                e.notes.append(f"{e.overturned} check{s} re-checked outside the notebook: "
                                f"kernel result not trusted")
         gb.db.commit()
-    del nbformat
 
 
-def _kernel_results(path: str) -> dict[str, bool]:
-    """grade_id -> whether the test cell ran without an error in the student's kernel."""
+def cell_score(points: float, verdict: dict) -> float:
+    """Points a test cell earns: its points times the fraction its passing checks weigh,
+    rounded to 1/1000 of a point (so that 2/3 of 3 points is exactly 2)."""
+    try:
+        fraction = min(1.0, max(0.0, float(verdict.get("score", 0.0))))
+    except (TypeError, ValueError):
+        fraction = 0.0
+    return round(float(points) * fraction, 3)
+
+
+def kernel_results(path: str) -> dict[str, dict[str, bool]]:
+    """grade_id -> {answer key: passed} as the student's kernel reported it: the
+    ``✓ key: ...`` / ``✗ key: ...`` lines a test cell printed."""
+    from .checks import FAIL, PASS
+
     try:
         with open(path) as f:
             nb = json.load(f)
     except (OSError, ValueError):
         return {}
-    out = {}
+    out: dict[str, dict[str, bool]] = {}
     for cell in nb.get("cells", []):
         meta = cell.get("metadata", {}).get("nbgrader", {})
-        if meta.get("grade") and not meta.get("solution") and cell.get("cell_type") == "code":
-            out[meta.get("grade_id")] = not any(o.get("output_type") == "error"
-                                                for o in cell.get("outputs", []))
+        if not (meta.get("grade") and not meta.get("solution")
+                and cell.get("cell_type") == "code"):
+            continue
+        said: dict[str, bool] = {}
+        for o in cell.get("outputs", []):
+            if o.get("output_type") != "stream":
+                continue
+            text = o.get("text", "")
+            for line in ("".join(text) if isinstance(text, list) else str(text)).splitlines():
+                mark, _, rest = line.partition(" ")
+                key = rest.split(":", 1)[0]
+                if mark in (PASS, FAIL) and key:
+                    said[key] = mark == PASS
+        out[str(meta.get("grade_id"))] = said
     return out
 
 
@@ -583,7 +668,8 @@ def _kernel_results(path: str) -> dict[str, bool]:
 # Feedback, status, CSV
 
 
-def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
+def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str,
+              titles: dict[tuple[str, str], dict[str, str]], has_mathjax: bool) -> None:
     from nbgrader.converters import GenerateFeedback
 
     dest = os.path.join(out, "feedback", e.student, e.assignment)
@@ -595,27 +681,16 @@ def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
         return
     src = os.path.join(workdir.root, "feedback", e.student, e.assignment)
     os.makedirs(dest, exist_ok=True)
+    local = pages.relative_mathjax(dest, os.path.join(out, "feedback")) if has_mathjax \
+        else None
     if os.path.isdir(src):
         for f in os.listdir(src):
             if f.endswith(".html"):
                 html_path = os.path.join(dest, f)
                 shutil.copyfile(os.path.join(src, f), html_path)
-                _add_status_banner(html_path, e.full_status())
-
-
-def _add_status_banner(path: str, status: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    banner = (f'<div style="padding:0.6em 1em;margin:0.5em 0;border:1px solid #aaa;'
-              f'background:#f6f6f6;font-family:sans-serif">Grading status: '
-              f'{html.escape(status)}</div>')
-    marker = "<body"
-    at = text.find(marker)
-    if at >= 0:
-        close = text.find(">", at)
-        text = text[:close + 1] + banner + text[close + 1:]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+                pages.rewrite(html_path, status=e.full_status(),
+                              titles=titles.get((e.assignment, f[:-len(".html")]), {}),
+                              mathjax_src=local)
 
 
 def _status_feedback(e: Entry, out: str) -> None:
