@@ -344,8 +344,9 @@ def test_a_student_sees_every_check_of_a_cell_in_one_line_each(tmp_path):
     from nbclient import NotebookClient
 
     from autograder import samples
-    nb = samples._apply(samples.solved(samples.HW2), "m16_ratio_upside_down",
-                        "1f1b_bubble_is_p_minus_1_over_m")
+    from autograder.mutants import hw2_pipeline_bubbles as hw2_mutants
+    nb = samples.apply(samples.solved("hw2_pipeline_bubbles"), hw2_mutants.MUTANTS,
+                       "m16_ratio_upside_down", "1f1b_bubble_is_p_minus_1_over_m")
     NotebookClient(nb, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in nb.cells}
