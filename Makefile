@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv instructor book grade-sample clean
+.PHONY: test test-fast venv instructor book book-solutions grade-sample clean
 
 venv: $(STAMP)
 
@@ -38,9 +38,23 @@ grade-sample: $(STAMP)
 	$(PY) -m autograder grade autograder/samples/class --out $(SAMPLE_OUT) --cell-timeout 30
 	@$(PY) -m autograder.samples report $(SAMPLE_OUT)
 
-# The lectures, executed and rendered to HTML in _build/book (open _build/book/index.html).
+# The reader's book (Sphinx, configured in course/conf.py): the lectures executed, the
+# homework problem statements, glossary, misconceptions, API reference, references.  Opens as
+# _build/book/index.html.  A cell error or a Sphinx warning fails the build; executed pages
+# are cached (_build/.jupyter_cache), so a second build only re-runs what changed.
+SPHINX := $(PY) -m sphinx -W --keep-going -q -j 1
+# After a failed build the saved environment is dropped: otherwise the next build would
+# skip the pages that warned and succeed.
 book: $(STAMP)
-	$(PY) course/build.py _build/book
+	$(SPHINX) -b html -d _build/.doctrees/book course _build/book \
+	  || { rm -rf _build/.doctrees/book; exit 1; }
+	@echo "book: _build/book/index.html"
+
+# The same book with worked solutions, for self-study; instructors publish the default one.
+book-solutions: $(STAMP)
+	$(SPHINX) -t solutions -b html -d _build/.doctrees/book-solutions course _build/book-solutions \
+	  || { rm -rf _build/.doctrees/book-solutions; exit 1; }
+	@echo "book with solutions: _build/book-solutions/index.html"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info _build
