@@ -138,13 +138,16 @@ class Browser:
         for event in self.events:
             if event["method"] == method:
                 return event
-        while time.monotonic() < deadline:
-            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-            event = json.loads(self.ws.recv())
-            if "method" in event:
-                self.events.append(event)
-                if event["method"] == method:
-                    return event
+        try:
+            while time.monotonic() < deadline:
+                self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+                event = json.loads(self.ws.recv())
+                if "method" in event:
+                    self.events.append(event)
+                    if event["method"] == method:
+                        return event
+        finally:
+            self.ws.settimeout(self.timeout)
         raise TimeoutError(f"no {method} within the time limit")
 
     def evaluate(self, expression: str):

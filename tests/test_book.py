@@ -218,7 +218,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def loaded(book, browser) -> dict[str, headless.Page]:
+def loaded(browser, book) -> dict[str, headless.Page]:
     """Every page of the book, opened from disk as the README tells readers to."""
     return {page.relative_to(book).as_posix(): browser.load(page.as_uri())
             for page in headless.pages_of(book)}
@@ -233,7 +233,7 @@ def test_every_page_loads_offline_without_console_errors(loaded):
 
 
 @pytest.mark.slow
-def test_math_is_typeset_by_the_mathjax_inside_the_book(book, loaded):
+def test_math_is_typeset_by_the_mathjax_inside_the_book(loaded, book):
     mathjax = (book / "_static" / "mathjax" / "tex-chtml.js").as_uri()
     for name, page in loaded.items():
         facts = page.facts
@@ -283,7 +283,7 @@ def search(browser, url: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_search_finds_bubble_from_disk(book, browser):
+def test_search_finds_bubble_from_disk(browser, book):
     found, page = search(browser, (book / "search.html").as_uri() + "?q=bubble")
     time.sleep(1)  # anything the results page does afterwards
     assert not browser.more(page).errors, page.errors
@@ -292,7 +292,7 @@ def test_search_finds_bubble_from_disk(book, browser):
 
 
 @pytest.mark.slow
-def test_search_finds_bubble_served_over_http_with_summaries(book, browser):
+def test_search_finds_bubble_served_over_http_with_summaries(browser, book):
     handler = functools.partial(QuietHandler, directory=str(book))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
