@@ -209,6 +209,17 @@ def test_the_book_has_every_lecture_and_homework_and_no_solution(book):
             assert not leaked, f"{path.relative_to(book)} shows solution lines: {leaked[:3]}"
 
 
+@pytest.mark.slow
+def test_misconceptions_show_the_autograder_rejecting_each_wrong_answer(book):
+    """Each check called on the page prints one line; every one must be a rejection."""
+    source = (COURSE / "book" / "misconceptions.md").read_text(encoding="utf-8")
+    calls = len(re.findall(r"^\w+_checks\.check\(", source, re.MULTILINE))
+    page = (book / "book" / "misconceptions.html").read_text(encoding="utf-8")
+    assert calls >= 8
+    assert len(re.findall(r"\u2717 \w+:", page)) == calls
+    assert not re.search(r"\u2713 \w+:", page), "a misconception the checks accept"
+
+
 @pytest.fixture(scope="module")
 def browser():
     if headless.chromium() is None:
