@@ -251,6 +251,20 @@ def test_worker_environment(baseline, monkeypatch):
     assert launch.device() == torch.device("cpu")
 
 
+def test_device_can_be_named_for_gloo_ranks(monkeypatch):
+    monkeypatch.delenv("PARALAB_DEVICE", raising=False)
+    assert launch.device() == torch.device("cpu")
+    monkeypatch.setenv("PARALAB_DEVICE", "meta")
+    assert launch.device() == torch.device("meta")
+    monkeypatch.setenv("PARALAB_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="PARALAB_DEVICE='gpu0' is not a device torch knows"):
+        launch.device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PARALAB_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            launch.device()
+
+
 def test_output_is_echoed_with_rank_prefixes(baseline, capsys):
     assert run(chatty, 2) == [0, 1]
     out = capsys.readouterr().out
@@ -561,6 +575,48 @@ def _env_with(path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def test_command_line_in_process(baseline, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tinymod_inproc.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # options may come after the arguments; literals are converted
+    assert launch.main(["tinymod_inproc:work", "2", "--world-size=3"]) == 0
+    out = capsys.readouterr().out
+    assert [f"[rank {r}] returned 12.0" in out for r in range(3)] == [True] * 3
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["tinymod"], "expected MODULE:FUNCTION"),
+    (["m:f", "--world-size", "many"], "whole number of processes"),
+    (["m:f", "--world-size", "0"], "whole number of processes"),
+    (["m:f", "--backend", "mpi"], "invalid choice"),
+    (["m:f", "--timeout", "-1"], "positive number of seconds"),
+    (["m:f", "--world_size", "4"], "unrecognized arguments: --world_size"),  # a typo
+    ([], "MODULE:FUNCTION"),
+])
+def test_command_line_usage_errors(argv, complaint, capsys):
+    assert launch.main(argv) == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_command_line_help_and_literals(capsys):
+    assert launch.main(["--help"]) == 0
+    assert "MODULE:FUNCTION" in capsys.readouterr().out
+    from paralab.launch.cli import literal
+    assert [literal(a) for a in ["3", "0.5", "[1, 2]", "'x'", "x", "-2", "a b"]] == \
+        [3, 0.5, [1, 2], "x", "x", -2, "a b"]
+
+
+def test_command_line_refuses_a_world_size_torchrun_does_not_have(monkeypatch, capsys,
+                                                                  tmp_path):
+    (tmp_path / "tinymod_torchrun.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for key, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    assert launch.main(["tinymod_torchrun:work", "--world-size", "3"]) == 2
+    assert "disagrees with torchrun's WORLD_SIZE=2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

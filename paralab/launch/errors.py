@@ -16,6 +16,8 @@ class WorkerError(RuntimeError):
     traceback text, ``outputs`` every rank to its captured stdout+stderr.
     """
 
+    __module__ = "paralab.launch"  # where users import it from, and how tracebacks name it
+
     def __init__(self, message: str, rank: int, tracebacks: dict[int, str],
                  outputs: dict[int, str]):
         super().__init__(message)
@@ -31,6 +33,8 @@ class WorkerTimeout(WorkerError):
     waiting inside torch.distributed, else the lowest); ``stacks`` maps each of them to the
     Python stacks it reported just before it was killed.
     """
+
+    __module__ = "paralab.launch"
 
     def __init__(self, message: str, rank: int, ranks: list[int], stacks: dict[int, str],
                  tracebacks: dict[int, str], outputs: dict[int, str]):
