@@ -517,6 +517,10 @@ def test_only_connection_failures_while_joining_count_as_transient():
     join = rendezvous.PHASE
     gloo = _record(join, "DistNetworkError", GLOO_UNDER_LOAD)
     assert rendezvous.transient_failure([gloo]) is gloo
+    # What gloo raised when a peer vanished during the join (measured with torch 2.13).
+    refused = _record(join, "RuntimeError", "Gloo connectFullMesh failed with [.../pair.cc:152] "
+                                            "timed out connecting: SO_ERROR: Connection refused")
+    assert rendezvous.transient_failure([refused]) is refused
     assert rendezvous.transient_failure([_record(join, "JoinAborted", "another rank"), gloo]) \
         is gloo
     for rec in [_record("running fn", "DistNetworkError", GLOO_UNDER_LOAD),  # fn had started

@@ -111,13 +111,13 @@ def _others_summary(culprit: int, errors: dict, stuck: list, stacks: dict) -> li
                    f"(a consequence; their tracebacks are in .tracebacks).")
     for r in own:
         out.append(f"rank {r} also raised {errors[r]['type']}: "
-                   f"{_first_line(errors[r]['message'])}")
+                   f"{first_line(errors[r]['message'])}")
     for r in stuck:
         out.append(f"rank {r} was still running and was stopped at: {where(stacks.get(r, ''))}")
     return out
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     text = text.strip()
     return text.splitlines()[0][:300] if text else ""
 
@@ -134,7 +134,7 @@ def _output_tail(rank: int, outputs: dict) -> list[str]:
 
 
 def _error_message(rank, rec, errors, stuck, stacks, outputs, finished, notes) -> str:
-    head = f"rank {rank} raised {rec['type']}: {_first_line(rec['message'])}"
+    head = f"rank {rank} raised {rec['type']}: {first_line(rec['message'])}"
     if rec["phase"] != "running fn":
         head += f" (while {rec['phase']})"
     parts = [head]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import diagnosis, rendezvous, worker
 from .backend import resolve_backend
-from .diagnosis import read_text
+from .diagnosis import first_line, read_text
 
 # Imported once by the forkserver, so that forking a worker costs milliseconds instead of
 # an `import torch` each.  Only what every worker uses (and only third-party modules: a
@@ -111,7 +111,7 @@ def run(fn, world_size, *args, backend="auto", timeout=60.0, debug=False, echo=T
             rec = outcome.record
             log.warning("paralab.launch: rank %d could not join the process group (%s: %s); "
                         "no rank had started fn, so the world is started again (attempt %d "
-                        "of %d)", rec["rank"], rec["type"], _first_line(rec["message"]),
+                        "of %d)", rec["rank"], rec["type"], first_line(rec["message"]),
                         attempt + 1, rendezvous.ATTEMPTS)
         raise AssertionError("unreachable: the last attempt never asks for another")
     finally:
@@ -129,7 +129,7 @@ def _world(attempt: int, world_size: int, tmp: str, cfg: dict, echo: bool,
     if failed_joins:
         notes.append(f"run() started this world {attempt} times; each earlier attempt failed "
                      f"while joining the process group (first: {failed_joins[0]['type']}: "
-                     f"{_first_line(failed_joins[0]['message'])}).")
+                     f"{first_line(failed_joins[0]['message'])}).")
     procs: list = []
     killed: set[int] = set()
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout),
@@ -157,7 +157,10 @@ def _world(attempt: int, world_size: int, tmp: str, cfg: dict, echo: bool,
                 return _Retry(report.record)
             notes.append(f"The world was not started again because "
                          f"{diagnosis.ranks_text(started)} had already started loading fn.")
-            report = diagnosis.diagnose(procs, d, report.errors, {}, report.elapsed, timeout,
+            errors = dict(report.errors)
+            errors.update(_load_errors(d, [r for r in range(world_size) if r not in errors and
+                                           os.path.exists(os.path.join(d, f"rank{r}.error"))]))
+            report = diagnosis.diagnose(procs, d, errors, {}, report.elapsed, timeout,
                                         timed_out=False, notes=notes)
         outputs = {r: read_text(os.path.join(d, f"rank{r}.log")) for r in range(world_size)}
         if echo:
@@ -229,11 +232,6 @@ def _load_errors(d: str, ranks) -> dict[int, dict]:
         with open(os.path.join(d, f"rank{r}.error"), "rb") as f:
             out[r] = pickle.load(f)
     return out
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def _context():

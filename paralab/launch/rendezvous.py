@@ -40,9 +40,10 @@ _GO, _ABORT = b"go", b"abort"
 
 _TRANSIENT = re.compile(r"Connection closed by peer|Connection reset by peer|Connection refused|"
                         r"Connection aborted|Broken pipe|ECONNRESET|ECONNREFUSED|ECONNABORTED")
-_NETWORK_TYPES = {"RuntimeError", "DistError", "DistNetworkError", "DistStoreError", "OSError",
-                  "ConnectionError", "ConnectionResetError", "ConnectionRefusedError",
-                  "ConnectionAbortedError", "BrokenPipeError"}
+# gloo's connectFullMesh failures reach Python as RuntimeError.
+_NETWORK_TYPES = {"RuntimeError", "DistError", "DistBackendError", "DistNetworkError",
+                  "DistStoreError", "OSError", "ConnectionError", "ConnectionResetError",
+                  "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError"}
 
 
 class JoinAborted(RuntimeError):
