@@ -18,9 +18,12 @@ from typing import Any
 from .schedules import Action, Schedule, gc_paused
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
-    """One action on one rank, from ``start`` to ``end`` (any consistent time unit)."""
+    """One action on one rank, from ``start`` to ``end`` (any consistent time unit).
+
+    Slotted: a large simulated step has a million of them, and without a ``__dict__`` each
+    takes a third of the memory and is quicker to create and to free."""
 
     rank: int
     action: Action
@@ -33,7 +36,8 @@ class Event:
 
 
 _new = object.__new__
-_set = object.__setattr__
+_set_rank, _set_action = Event.rank.__set__, Event.action.__set__
+_set_start, _set_end = Event.start.__set__, Event.end.__set__
 
 
 def make_event(rank: int, action: Action, start, end) -> Event:
@@ -42,7 +46,10 @@ def make_event(rank: int, action: Action, start, end) -> Event:
     Equal to the normal constructor's result; about three times faster, which matters for
     the million events of a large simulated schedule."""
     event = _new(Event)
-    _set(event, "__dict__", {"rank": rank, "action": action, "start": start, "end": end})
+    _set_rank(event, rank)
+    _set_action(event, action)
+    _set_start(event, start)
+    _set_end(event, end)
     return event
 
 
