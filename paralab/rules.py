@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-from .schedules import Action, Schedule
+from .schedules import B, F, Action, Schedule
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 
@@ -34,9 +34,9 @@ class Need(NamedTuple):
     """``action`` must have finished before the action that needs it can start."""
 
     action: Action
-    carries: str | None  # ACTIVATION or GRADIENT when data goes from stage to stage, else None
-    label: str           # how error messages name the needed action ("its forward ")
-    why: str             # the reason, as an error message states it
+    carries: str | None = None  # ACTIVATION or GRADIENT when data goes from stage to stage
+    why: str = ""               # the reason, as error messages state it
+    label: str = ""             # how error messages name the needed action ("its forward ")
 
 
 class Message(NamedTuple):
@@ -60,18 +60,18 @@ def needs(action: Action, num_stages: int) -> tuple[Need, ...]:
     if op == "F":
         if s == 0:
             return ()  # the first stage reads the data
-        return (Need(Action("F", i, s - 1), ACTIVATION, "",
-                     "a forward needs the activations of the previous stage"),)
+        return (Need(F(i, s - 1), ACTIVATION,
+                     why="a forward needs the activations of the previous stage"),)
     if op == "B":
-        saved = Need(Action("F", i, s), None, "its forward ",
-                     "a backward needs the activations its forward saved")
+        saved = Need(F(i, s), label="its forward ",
+                     why="a backward needs the activations its forward saved")
         if s == num_stages - 1:
             return (saved,)  # the last stage starts from its own loss
-        return (saved, Need(Action("B", i, s + 1), GRADIENT, "",
-                            "a backward needs the gradient of its output from the next stage"))
+        return (saved, Need(B(i, s + 1), GRADIENT,
+                            why="a backward needs the gradient of its output from the next stage"))
     if op == "W":
-        return (Need(Action("B", i, s), None, "",
-                     "the weight gradient needs the output gradient that B receives"),)
+        return (Need(B(i, s),
+                     why="the weight gradient needs the output gradient that B receives"),)
     raise ValueError(f"unknown op {op!r} (use F, B or W)")
 
 

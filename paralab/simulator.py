@@ -9,7 +9,7 @@ result is exact, which is how the tests compare it with the SymPy formulas) or f
 
 Read :mod:`paralab.reference_simulator` first: it does the same in a few lines, and a
 property test checks that both give the same timeline on random schedules.  This one is
-built for a million actions (p=64, m=1024, v=4 in about a second):
+built for a million actions (``bench/bench_simulator.py`` times p=64, m=1024, v=4):
 
 * an integer clock: exact costs become whole numbers of ticks of ``1/scale``, because
   ``Fraction`` arithmetic would dominate the run time; times become ``Fraction``s again
@@ -112,7 +112,7 @@ def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
     ranks, actions, starts, ends, busy = _run(schedule, ticks, hop)
 
     if exact and (scale > 1 or any(isinstance(c, Fraction) for c in everything)):
-        times: dict = {0: Fraction(0)}  # tick -> time: a step has few distinct times
+        times: dict = {0: 0}  # tick -> time: a step has few distinct times
         for t in starts:
             if t not in times:
                 times[t] = Fraction(t, scale)
@@ -149,7 +149,7 @@ def _run(schedule: Schedule, cost: dict, hop) -> tuple[list, list, list, list, l
     rank, action, start and end of every action in the order they were simulated, and the
     busy time of each rank."""
     p, n_stages, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
-    n_keys = n_stages * m  # (op, microbatch, stage) lives at OP_INDEX[op] * n_keys + stage * m + mb
+    n_keys = n_stages * m  # (op, mb, stage) lives at index OP_INDEX[op] * n_keys + stage * m + mb
     table: dict[str, list] = {op: [None] * n_stages for op in OP_INDEX}
     for (op, stage), found in rules.stage_table(n_stages).items():
         action = Action(op, 0, stage)
