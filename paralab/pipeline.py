@@ -34,9 +34,6 @@ from .simulator import check_deadlock as _check_deadlock
 from .simulator import simulate
 from .timeline import Event, Timeline
 
-__all__ = ["PipelineModel", "PipelineResult", "RankExecutor", "check_message_order",
-           "loss_fn", "message_orders", "reference_step", "run_pipeline"]
-
 
 @dataclass(frozen=True)
 class PipelineModel:

@@ -359,9 +359,9 @@ def interleaved_one_f_one_b(p: int, m: int, v: int) -> Schedule:
         # Warm-up: enough forwards that the first backward of the last chunk can arrive.
         warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
         row = forwards[:warmup]
-        for k in range(total - warmup):
+        for k in range(total - warmup):  # steady state: one forward, one backward
             row += [forwards[warmup + k], backwards[k]]
-        row += backwards[total - warmup:]
+        row += backwards[total - warmup:]  # cool-down
         orders.append(tuple(row))
     name = "interleaved" if v > 1 else "interleaved(v=1)"
     return _mark_valid(Schedule(tuple(orders), m, p * v, name))
@@ -384,7 +384,7 @@ def zb_h1(p: int, m: int) -> Schedule:
     for r in range(p):
         warmup = min(p - r - 1, m)
         may_owe = r  # W's this rank may postpone while it still has B's to run
-        row = [F(i, r) for i in range(warmup)]
+        row = [F(i, r) for i in range(warmup)]  # warm-up
         next_w = 0
 
         def backward(k: int) -> list[Action]:
@@ -395,9 +395,9 @@ def zb_h1(p: int, m: int) -> Schedule:
                 next_w += 1
             return out
 
-        for k in range(m - warmup):
+        for k in range(m - warmup):  # steady state
             row += [F(warmup + k, r)] + backward(k)
-        for k in range(m - warmup, m):
+        for k in range(m - warmup, m):  # cool-down: the remaining B's, then the W's owed
             row += backward(k)
         row += [W(i, r) for i in range(next_w, m)]
         orders.append(tuple(row))
