@@ -127,9 +127,9 @@ def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
         clock_scale = None
     timeline = Timeline(schedule, events, source="simulated")
     # Hand over what we have, so that metrics need no second pass over the events.  On the
-    # exact clock, with no instantaneous forward or backward, no two activation changes of
-    # a rank coincide.  (Float sums and ties depend on rounding: there the timeline works
-    # from the times themselves.)
+    # exact clock, with no instantaneous forward or backward, peak activations follow from
+    # each rank's order alone.  (Float sums and ties depend on rounding: there the timeline
+    # works from the times themselves.)
     distinct = exact and min(costs["F"] + costs["B"]) > 0
     timeline._preset(clock_scale, starts, ends, ranks, actions, busy if exact else None,
                      distinct)

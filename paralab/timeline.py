@@ -106,11 +106,11 @@ class Timeline:
     def _preset(self, scale, starts: list, ends: list, ranks: list, actions: list,
                 busy: list | None, distinct_changes: bool) -> None:
         """Adopt what the simulator already has, in event order -- its integer clock
-        (``scale`` None when the ticks are the times themselves), ranks, actions, and each
-        rank's busy ticks (or None) -- so that no metric needs a second pass over the events.  The
-        simulator's events are also each rank's schedule row in order (so every forward
-        comes before its backward); ``distinct_changes`` says that no forward or backward
-        takes zero time, so no two activation changes of one rank share a time."""
+        (``scale`` None when the ticks are the times themselves), ranks, actions and, if
+        given, each rank's busy ticks -- so that no metric needs a second pass over the
+        events.  The simulator's events are also each rank's schedule row in order (so every
+        forward comes before its backward); ``distinct_changes`` says that no forward or
+        backward takes zero time (see :meth:`_peaks_in_order`)."""
         self.__dict__.update(_clock=(scale, starts, ends), _columns=(ranks, actions),
                              _in_schedule_order=True, _distinct_changes=distinct_changes)
         if busy is not None:
@@ -276,8 +276,10 @@ class Timeline:
         p = self.schedule.num_ranks
         in_order = self.__dict__.get("_in_schedule_order", False)
         if in_order and self.__dict__.get("_distinct_changes", False):
-            # Changes never share a time, so the count after each one is reached: the peak
-            # is the largest running sum of +1 (F) and -1 (B) along the rank's own order.
+            # When no F or B takes zero time, the only changes of a rank that share a time
+            # are a backward's end and the next forward's start: a release, then an acquire,
+            # which cannot raise the maximum.  So the peak is the largest running sum of +1
+            # (F) and -1 (B) along the rank's own order, times aside.
             delta = {"F": 1, "B": -1, "W": 0}
             return [max(accumulate([delta[a[0]] for a in row], initial=0))
                     for row in self.schedule.orders]
