@@ -240,6 +240,23 @@ def bytes_of(kept: Iterable[Kept], activation_bytes=2, mask_bytes=1, statistic_b
     return sp.expand(sum((sp.sympify(size[k.kind]) * k.elements for k in kept), sp.Integer(0)))
 
 
+def match_saved(kept: list[Kept], saved: list[SavedTensor], values: dict, *,
+                activation_bytes=2, mask_bytes=1, statistic_bytes=4):
+    """Pair each kept tensor of the formula with a measured saved tensor of the same size,
+    in forward order: ``([(Kept, formula bytes, SavedTensor or None), ...], unmatched
+    saved tensors)``.  ``values`` gives the sizes by name (``s b h a t``)."""
+    left = list(saved)
+    pairs = []
+    for k in kept:
+        size = int(evaluate(bytes_of([k], activation_bytes, mask_bytes, statistic_bytes),
+                            **values))
+        found = next((x for x in left if x.nbytes == size), None)
+        if found is not None:
+            left.remove(found)
+        pairs.append((k, size, found))
+    return pairs, left
+
+
 def layer_activation_bytes(strategy: "str | Strategy" = "none", *, activation_bytes=2,
                            mask_bytes=1, statistic_bytes=None):
     """Bytes one layer keeps per microbatch on one rank.  Defaults are the paper's 16-bit

@@ -164,6 +164,45 @@ def bars(config: Config, ax=None, budget_gib: float | None = None):
     return ax
 
 
+def tradeoff(config: Config, t_f=1, t_b=2, schedules_=SCHEDULES, v: int = 2) -> list[dict]:
+    """Memory against time: for every schedule and recomputation, the simulated step time
+    (:func:`paralab.simulator.simulate` with :func:`paralab.memory.recompute_costs`) and
+    rank 0's bytes (the rank that holds the most).  Interleaved runs with ``v`` chunks."""
+    from . import schedules
+    from .simulator import simulate
+
+    build = {"gpipe": lambda c: schedules.gpipe(c.p, c.m),
+             "1f1b": lambda c: schedules.one_f_one_b(c.p, c.m),
+             "interleaved": lambda c: schedules.interleaved_one_f_one_b(c.p, c.m, c.v)}
+    points = []
+    for name in schedules_:
+        for recompute in memory.RECOMPUTE:
+            c = replace(config, schedule=name, recompute=recompute,
+                        v=v if name == "interleaved" else 1)
+            costs = memory.recompute_costs(t_f, t_b, recompute, seq=c.s, hidden=c.h)
+            points.append({"schedule": name, "recompute": recompute,
+                           "step_time": simulate(build[name](c), *costs).makespan,
+                           "rank0": per_rank(c)[0]})
+    return points
+
+
+def tradeoff_plot(points: list[dict], ax=None):
+    """Rank 0's memory (GiB) against the simulated step time, one marker per schedule, one
+    colour per recomputation."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    markers = {"gpipe": "s", "1f1b": "o", "interleaved": "^"}
+    colors = {"none": "#C44E52", "selective": "#DD8452", "full": "#4C72B0"}
+    for point in points:
+        ax.scatter(float(point["step_time"]), point["rank0"]["total"] / GIB,
+                   marker=markers[point["schedule"]], color=colors[point["recompute"]], s=60,
+                   label=f"{point['schedule']}, recompute {point['recompute']}")
+    ax.set_xlabel("simulated step time")
+    ax.set_ylabel("rank 0 memory (GiB)")
+    ax.legend(fontsize=7, loc="upper right")
+    return ax
+
+
 class Calculator:
     """What :func:`calculator` returns: sliders and bars where widgets render, the static
     table for the starting values everywhere else (the display picks the richest form the
