@@ -199,7 +199,7 @@ def tradeoff_plot(points: list[dict], ax=None):
                    label=f"{point['schedule']}, recompute {point['recompute']}")
     ax.set_xlabel("simulated step time")
     ax.set_ylabel("rank 0 memory (GiB)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return ax
 
 

@@ -297,3 +297,18 @@ def test_pipeline_peaks_are_in_flight_times_layers_times_the_layer(name, how):
         layer, **micro)), p=4, m=8, v=v, L=4 * v * PIPELINE.layers_per_stage)
     if how != "stages recomputed":
         assert result.peak_saved_bytes[0] == first
+
+
+def test_match_saved_pairs_every_kept_tensor_with_a_measured_one():
+    values = dict(s=4, b=2, h=8, a=2)
+    saved = measure(4, 2, 8, 2, dtype=torch.float32)
+    kept = memory.kept_tensors("none", pytorch=True)
+    pairs, extra = memory.match_saved(kept, saved, values, activation_bytes=4, mask_bytes=4,
+                                      statistic_bytes=4)
+    assert not extra and [k for k, _, _ in pairs] == kept
+    assert all(found.nbytes == size for _, size, found in pairs)
+    # the paper's accounting (no statistics, 1-byte masks) leaves measured tensors over
+    pairs, extra = memory.match_saved(memory.kept_tensors("none"), saved, values,
+                                      activation_bytes=4, mask_bytes=1)
+    assert sum(found is None for _, _, found in pairs) == 3        # the three masks
+    assert len(extra) == 4 + 3                                     # statistics + masks
