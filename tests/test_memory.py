@@ -312,3 +312,16 @@ def test_match_saved_pairs_every_kept_tensor_with_a_measured_one():
                                       activation_bytes=4, mask_bytes=1)
     assert sum(found is None for _, _, found in pairs) == 3        # the three masks
     assert len(extra) == 4 + 3                                     # statistics + masks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_masks_take_one_byte_as_in_the_paper():
+    """CUDA's fused dropout keeps a 1-byte mask, and LayerNorm keeps float32 statistics for
+    16-bit inputs: the measured layer is the paper's Eq. 1 plus the statistics only."""
+    values = dict(s=8, b=2, h=16, a=4)
+    torch.manual_seed(0)
+    layer = TransformerLayer(16, 4, dtype=torch.bfloat16).cuda()
+    x = torch.randn(8, 2, 16, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    _, saved = memory.saved_tensors(layer, x, parameters=layer.parameters())
+    formula = memory.layer_activation_bytes("none", statistic_bytes=4)
+    assert sum(x.nbytes for x in saved) == memory.evaluate(formula, **values)
