@@ -167,3 +167,44 @@ def test_own_implementation_verdicts():
     result = verdict("own_implementation", unavailable)
     assert not result.passed and "layer's own recomputation" in result.message
     assert not run_check(hw4.CHECKS, "own_implementation", encode(Raised("KeyError", "x"))).passed
+
+
+def test_without_the_layers_recomputation_torch_checkpoint_still_works(tmp_path):
+    """The probe's copy of the library: the layer's own recomputation raises, everything
+    the exercise needs (the plain layer, the meter, torch.utils.checkpoint) works."""
+    import os
+    import subprocess
+    import sys
+
+    from autograder import probes
+    stripped = probes.strip_library(str(ROOT / "paralab"), probes.unavailable_names(hw4),
+                                    str(tmp_path / "copy"))
+    code = """
+import paralab, torch
+from torch.utils.checkpoint import checkpoint
+from autograder.checks import hw4_memory as checks
+
+def own(layers, x):
+    for layer in layers:
+        x = checkpoint(layer, x, use_reentrant=False)
+    return x
+
+def library(layers, x):
+    for layer in layers:
+        layer.recompute = "full"
+        x = layer(x)
+    return x
+
+print("own", checks.CHECKS["own_implementation"](checks.run_stage(own, checks.ORIGINALITY_STAGE)).passed)
+try:
+    checks.run_stage(library, checks.ORIGINALITY_STAGE)
+except paralab.ReferenceUnavailable as e:
+    print("unavailable:", e)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(stripped), str(ROOT)]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(stripped), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "own True" in done.stdout
+    assert "unavailable: paralab.transformer:TransformerLayer._layer_recomputed" in done.stdout
