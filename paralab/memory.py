@@ -130,7 +130,8 @@ class Strategy:
             return strategy
         words = [w for w in str(strategy).replace("full-recompute", "full").split("+") if w]
         unknown = [w for w in words if w not in ("none", "tp", "sp") + RECOMPUTE]
-        if unknown or not words or len(set(words)) != len(words):
+        if (unknown or not words or len(set(words)) != len(words)
+                or ("none" in words and len(words) > 1)):
             raise ValueError(f"unknown strategy {strategy!r}; write parts joined by '+': "
                              f"'tp', 'sp' (needs tp), and one of 'selective', 'full' "
                              f"(e.g. 'tp+sp+selective'), or 'none'")
@@ -415,6 +416,17 @@ def step_time_with_recompute(schedule: str = "1f1b", recompute: str = "full"):
 # ---------------------------------------------------------------------------------------------
 # Numbers
 # ---------------------------------------------------------------------------------------------
+def _exact(value):
+    """A number as an exact SymPy number (floats as the decimal they print as)."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
+    if isinstance(value, float):
+        return sp.Rational(repr(value))
+    if isinstance(value, Fraction):
+        return sp.Rational(value.numerator, value.denominator)
+    return sp.sympify(value)
+
+
 def evaluate(expr, **values):
     """Substitute numbers for the symbols of this module and of :mod:`paralab.formulas` by
     name (``s b h a t L p m v r t_f t_b t_w``), exactly; dicts element by element."""
@@ -424,11 +436,6 @@ def evaluate(expr, **values):
                          f"{', '.join(SYMBOLS)}")
     if isinstance(expr, dict):
         return {k: evaluate(x, **values) for k, x in expr.items()}
-    subs = {SYMBOLS[name]: formulas._exact(value) for name, value in values.items()}
+    subs = {SYMBOLS[name]: _exact(value) for name, value in values.items()}
     result = sp.sympify(expr).subs(subs)
     return result if result.is_Rational else sp.simplify(result)
-
-
-def pipeline_peak_bytes(in_flight: int, layers_per_stage, per_layer_bytes):
-    """Peak activation bytes on a rank holding ``in_flight`` microbatches' activations."""
-    return in_flight * layers_per_stage * per_layer_bytes
