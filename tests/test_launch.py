@@ -747,3 +747,28 @@ def test_functions_defined_in_a_notebook(tmp_path):
     assert "results [3.0, 3.0] [21.0, 21.0]" in text[2]  # 1 + 2 and 10 + 11
     # The hung rank is located in the notebook's own cell, with the cell's source line.
     assert "rank 1 still running" in text[3] and "time.sleep(0.1)  # notebook-loop" in text[3]
+
+
+def test_a_rank_that_finishes_between_two_looks_is_not_taken_for_a_crash(tmp_path):
+    """The supervisor reads exit codes before result files: a rank that writes its result
+    and exits just as the supervisor looks must count as finished (under load this race
+    reported a clean rank as "exited with code 0 without raising")."""
+    import pickle
+
+    from paralab.launch import lifecycle
+
+    class FinishesWhenLookedAt:
+        def __init__(self, rank):
+            self.rank = rank
+
+        @property
+        def exitcode(self):  # the rank writes its result and exits right now
+            path = tmp_path / f"rank{self.rank}.result"
+            if not path.exists():
+                path.write_bytes(pickle.dumps(self.rank * 10))
+            return 0
+
+        sentinel = None
+
+    procs = [FinishesWhenLookedAt(r) for r in range(3)]
+    assert lifecycle._supervise(procs, str(tmp_path), 0.0, 60.0, False, []) == [0, 10, 20]

@@ -186,9 +186,12 @@ def _supervise(procs, d: str, start: float, timeout: float, can_retry: bool, not
     path = lambda r, kind: os.path.join(d, f"rank{r}.{kind}")  # noqa: E731
     while True:
         now = time.monotonic()
+        # Exit codes first, files second: a rank writes its result or error file before it
+        # exits, so a rank seen exited here has its file by the time we look for it (the
+        # other order reads "no file yet" then "exited", a clean rank taken for a crash).
+        codes = [p.exitcode for p in procs]
         has_result = [os.path.exists(path(r, "result")) for r in range(n)]
         has_error = [os.path.exists(path(r, "error")) for r in range(n)]
-        codes = [p.exitcode for p in procs]
         for r, c in enumerate(codes):
             if c is not None and not has_result[r] and not has_error[r] and r not in exit_seen:
                 exit_seen[r] = time.time()
