@@ -5,7 +5,14 @@ waits for each time.  Both sides run the same function: join the process group, 
 all_reduce, return.  `spawn` is what multiprocessing / torch.multiprocessing.spawn use by
 default for torch; run() forks from a forkserver that imported torch once.
 
+It also measures what the forkserver's preload costs a whole Python process that starts
+one world (a lecture kernel, a test process, a command-line call): with the preload list
+run() uses, against the same list plus `torch.distributed.tensor` and
+`torch.distributed.pipelining` (which the launcher used to preload although only some
+exercises' workers use them), alternating the two so that both see the same load.
+
     python bench/bench_launch.py [--world-size 4] [--repeats 10] [--spawn-repeats 2]
+                                 [--process-repeats 3]
 """
 
 import argparse
@@ -13,18 +20,31 @@ import datetime
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from paralab.launch import run
+from paralab.launch import device, lifecycle, run
+
+EXTRA_PRELOAD = ["torch.distributed.tensor", "torch.distributed.pipelining"]
 
 
 def work(rank, world_size):
-    t = torch.ones(4) * rank
+    t = torch.ones(4, device=device()) * rank
     dist.all_reduce(t)
     return t.sum().item()
+
+
+def one_world_process(world_size: int, extra_preload: bool) -> float:
+    """Wall time of a fresh Python process that starts one world and exits."""
+    command = [sys.executable, os.path.abspath(__file__), "--one-world",
+               "heavy" if extra_preload else "light", "--world-size", str(world_size)]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def _spawn_child(rank, world_size, port):
@@ -62,9 +82,16 @@ def main():
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--spawn-repeats", type=int, default=2)
+    parser.add_argument("--process-repeats", type=int, default=3)
+    parser.add_argument("--one-world", choices=["light", "heavy"], help=argparse.SUPPRESS)
     a = parser.parse_args()
     n = a.world_size
     expected = float(4 * sum(range(n)))
+    if a.one_world:  # the child of one_world_process
+        if a.one_world == "heavy":
+            lifecycle.PRELOAD = lifecycle.PRELOAD + EXTRA_PRELOAD
+        assert run(work, n, echo=False) == [expected] * n
+        return
 
     first = timed(lambda: run(work, n, echo=False))  # the first run() starts the forkserver
     again = []
@@ -83,6 +110,18 @@ def main():
           f"{'':26}{baseline:6.2f} s")
     print(f"  speed-up over spawn: first world {baseline / first:.1f}x, "
           f"repeated worlds {baseline / repeated:.1f}x")
+
+    light, heavy = [], []
+    for _ in range(a.process_repeats):  # alternated: both see the same load
+        heavy.append(one_world_process(n, extra_preload=True))
+        light.append(one_world_process(n, extra_preload=False))
+    light_s, heavy_s = statistics.median(light), statistics.median(heavy)
+    print(f"a Python process that starts one {n}-rank world "
+          f"(median of {a.process_repeats}):")
+    print(f"  {light_s:6.2f} s  preloading {', '.join(lifecycle.PRELOAD)} (run()'s list)")
+    print(f"  {heavy_s:6.2f} s  preloading also {', '.join(EXTRA_PRELOAD)}")
+    print(f"  ratio {heavy_s / light_s:.2f}x: what the extra preload would cost every process "
+          f"that starts a world")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ returns 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import re
@@ -137,7 +138,7 @@ def _exact_text(x) -> str:
 
 
 # -- simulate ------------------------------------------------------------------------------------
-MAX_ORDER_ACTIONS = 2000  # beyond this the text summary does not print every action
+MAX_ORDER_ACTIONS = 2000  # beyond this the order is printed only with --order
 
 
 def setup_simulate(parser: argparse.ArgumentParser) -> None:
@@ -159,11 +160,26 @@ def setup_simulate(parser: argparse.ArgumentParser) -> None:
                         help="time to send activations or gradients to another rank")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the text summary")
+    parser.add_argument("--order", action="store_true",
+                        help=f"include every rank's action order even beyond "
+                             f"{MAX_ORDER_ACTIONS} actions (text and JSON)")
     parser.add_argument("--gantt", action="store_true", help="also print a text Gantt chart")
     parser.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart image")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    # A large step allocates a million objects that form no reference cycles; the cyclic
+    # collector would walk them all again after every phase for nothing (see gc_paused).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate_command(args)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _simulate_command(args: argparse.Namespace) -> int:
     from .schedules import build
     from .simulator import simulate
 
@@ -174,30 +190,52 @@ def run_simulate(args: argparse.Namespace) -> int:
     schedule = build(args.schedule, args.p, args.m, v)
     costs = {name: _plain(getattr(args, name)) for name in ("tf", "tb", "tw", "comm")}
     timeline = simulate(schedule, costs["tf"], costs["tb"], costs["tw"], costs["comm"])
+    total = sum(len(row) for row in schedule.orders)
+    with_order = args.order or total <= MAX_ORDER_ACTIONS
 
     plot_note = None
     if args.plot:
         plot_note = _write_gantt(timeline, args.plot)
 
     if args.json:
-        summary = timeline.summary()
+        summary = timeline.summary(order=False)
+        summary["actions"] = total
         summary["costs"] = {"t_f": str(costs["tf"]), "t_b": str(costs["tb"]),
                             "t_w": str(costs["tw"]), "comm": str(costs["comm"])}
         summary["exact"] = {key: _exact_text(getattr(timeline, key)) for key in
                             ("makespan", "ideal", "time_ratio", "bubble_fraction",
                              "bubble_overhead")}
-        print(json.dumps(summary))
+        if not with_order:
+            summary["order"] = None
+            summary["order_note"] = (f"{total} actions: not included; pass --order to get "
+                                     f"every rank's order")
+        _write_json(summary, schedule if with_order else None)
         if plot_note:
             print(plot_note, file=sys.stderr)
         return 0
 
-    print(_text_summary(timeline, costs, gantt=args.gantt))
+    print(_text_summary(timeline, costs, gantt=args.gantt, order=with_order))
     if plot_note:
         print(plot_note)
     return 0
 
 
-def _text_summary(timeline, costs: dict, gantt: bool = False) -> str:
+def _write_json(summary: dict, schedule=None) -> None:
+    """Print ``summary`` as one JSON object, with ``"order"`` (one list of action strings
+    per rank) when ``schedule`` is given -- written a rank at a time, so that memory does
+    not grow with the text of the whole order."""
+    text = json.dumps(summary)
+    if schedule is None:
+        sys.stdout.write(text + "\n")
+        return
+    write = sys.stdout.write
+    write(text[:-1] + ', "order": [')
+    for rank, row in enumerate(schedule.orders):
+        write(("," if rank else "") + json.dumps([str(a) for a in row]))
+    write("]}\n")
+
+
+def _text_summary(timeline, costs: dict, gantt: bool = False, order: bool = True) -> str:
     from .schedules import format_orders
 
     s = timeline.schedule
@@ -208,11 +246,12 @@ def _text_summary(timeline, costs: dict, gantt: bool = False) -> str:
         f"costs per rank and microbatch: t_f={costs['tf']} t_b={costs['tb']} "
         f"t_w={costs['tw']} comm={costs['comm']}",
     ]
-    total = sum(len(row) for row in s.orders)
-    if total <= MAX_ORDER_ACTIONS:
+    if order:
         lines += ["order per rank:"] + ["  " + line for line in format_orders(s).splitlines()]
     else:
-        lines.append(f"order per rank: {total} actions, not printed (use --json to get them)")
+        total = sum(len(row) for row in s.orders)
+        lines.append(f"order per rank: {total} actions, not printed (use --order to print "
+                     f"them)")
     rows = [
         ("makespan T", timeline.makespan),
         ("ideal T_ideal (busiest rank's work)", timeline.ideal),
@@ -329,7 +368,9 @@ add_subcommand("run-pipeline", setup_run_pipeline, run_run_pipeline,
 # -- tp-ffn ---------------------------------------------------------------------------------------
 def setup_tp_ffn(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=positive_int, required=True, metavar="P")
-    parser.add_argument("--variant", default="col-row", choices=["col-row", "row-row", "col-col"])
+    from .layouts import FFN_VARIANTS  # light: no torch at start-up
+
+    parser.add_argument("--variant", default="col-row", choices=list(FFN_VARIANTS))
     parser.add_argument("--batch", type=positive_int, default=8, metavar="B")
     parser.add_argument("--seq", type=positive_int, default=128, metavar="S")
     parser.add_argument("--hidden", type=positive_int, default=1024, metavar="d")
@@ -353,15 +394,10 @@ def run_tp_ffn(args: argparse.Namespace) -> int:
         print(f"error: the tensor-parallel FFN failed on {args.world_size} processes:\n{error}",
               file=sys.stderr)
         return 1
-    torch.manual_seed(0)  # the same draws as tp.ffn_parity_run
-    dense = tp.FFN(args.hidden)
-    x = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
-    target = torch.randn(args.batch, args.seq, args.hidden)
-    out = dense(x)
-    ((out - target) ** 2).sum().backward()
-    out = out.detach()
-    error = max(max(float((r["output"] - out).abs().max()),
-                    float((r["input_grad"] - x.grad).abs().max())) for r in results)
+    dense = tp.dense_reference(args.batch, args.seq, args.hidden, 0, torch.float32)
+    error = max(max(float((r["output"] - dense["output"]).abs().max()),
+                    float((r["input_grad"] - dense["input_grad"]).abs().max()))
+                for r in results)
     records = results[0]["records"]
     sizes = dict(B=args.batch, S=args.seq, d=args.hidden, P=args.world_size)
     expected = [(c.phase, c.op, int(formulas.evaluate(c.elements, **sizes)))

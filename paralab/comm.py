@@ -7,13 +7,18 @@ open, append a :class:`CollectiveRecord` saying what moved: which op, in the for
 backward pass, the shape and dtype of the full logical tensor, its size in bytes, and the
 bytes each rank sends with the ring algorithm (what bandwidth actually pays for).
 
-Ring traffic per rank for a tensor of N bytes on P ranks:
+Ring traffic per rank for a tensor of N bytes on P ranks (defined once, in
+:func:`paralab.formulas.collective_traffic`):
 
 * all-reduce = reduce-scatter + all-gather: ``2 (P-1)/P * N``;
 * all-gather or reduce-scatter alone: ``(P-1)/P * N``.
 
 The log is a plain list held by the ``with`` block, not a process-group singleton; it is
 thread-safe because on GPUs autograd runs backward functions on its own threads.
+
+Every tensor handed to a collective must be on :func:`paralab.launch.device`, even in a
+world of one rank where nothing is sent: NCCL only moves GPU tensors, and a CPU tensor in
+GPU code would otherwise pass every test on one GPU and fail on the first machine with two.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from . import launch
 
 PHASES = ("forward", "backward")
 
@@ -46,20 +53,18 @@ class CollectiveRecord:
 
     @property
     def traffic_bytes(self) -> Fraction:
-        """Bytes one rank sends with the ring algorithm (exact)."""
-        return ring_traffic(self.op, self.bytes, self.world_size)
+        """Bytes one rank sends with the ring algorithm (exact), priced by
+        :func:`paralab.formulas.collective_traffic`."""
+        # Imported here: SymPy costs ~0.4 s, which a worker that never prints a table
+        # should not pay.
+        from .formulas import collective_traffic
+        value = collective_traffic(self.op, self.bytes, self.world_size)
+        return Fraction(int(value.p), int(value.q))
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["traffic_bytes"] = float(self.traffic_bytes)
         return d
-
-
-def ring_traffic(op: str, nbytes: int, world_size: int) -> Fraction:
-    p = world_size
-    factor = {"all_reduce": Fraction(2 * (p - 1), p), "all_gather": Fraction(p - 1, p),
-              "reduce_scatter": Fraction(p - 1, p)}[op]
-    return factor * nbytes
 
 
 class CommLog:
@@ -73,13 +78,6 @@ class CommLog:
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def filter(self, phase: str | None = None, op: str | None = None) -> list[CollectiveRecord]:
-        return [r for r in self.records
-                if (phase is None or r.phase == phase) and (op is None or r.op == op)]
-
-    def total_bytes(self, phase: str | None = None) -> int:
-        return sum(r.bytes for r in self.filter(phase))
 
     def table(self) -> str:
         """A readable table, one collective per line."""
@@ -124,7 +122,7 @@ def _note(op: str, phase: str, label: str, full_shape, dtype: torch.dtype, world
         elements *= int(n)
     entry = CollectiveRecord(op, phase, label, tuple(int(n) for n in full_shape),
                              str(dtype).replace("torch.", ""), elements,
-                             elements * torch.empty((), dtype=dtype).element_size(), world_size)
+                             elements * dtype.itemsize, world_size)
     with _lock:
         for log in _active_logs:
             log.records.append(entry)
@@ -138,8 +136,24 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def check_device(tensor: torch.Tensor, op: str) -> None:
+    """Refuse a tensor that is not on this rank's device (inside a world; outside one,
+    nothing is communicated and any device will do)."""
+    if not dist.is_initialized():
+        return
+    expected = launch.device()
+    if tensor.device != expected:
+        raise ValueError(
+            f"{op} was handed a tensor on {tensor.device}, but this rank computes on "
+            f"{expected} (paralab.launch.device()). Create every tensor of a distributed "
+            f"exercise with device=launch.device(), or move it there with "
+            f".to(launch.device()): NCCL only moves GPU tensors, and a world of one GPU "
+            f"would hide the mistake (it sends nothing).")
+
+
 def all_reduce(tensor: torch.Tensor, *, phase: str, label: str = "", group=None) -> torch.Tensor:
     """Sum ``tensor`` over the group; returns a new tensor (the input is not modified)."""
+    check_device(tensor, "all_reduce")
     p = world_size(group)
     out = tensor.contiguous().clone()
     if p > 1:
@@ -151,6 +165,7 @@ def all_reduce(tensor: torch.Tensor, *, phase: str, label: str = "", group=None)
 def all_gather(tensor: torch.Tensor, *, dim: int = -1, phase: str, label: str = "",
                group=None) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along ``dim`` (rank order)."""
+    check_device(tensor, "all_gather")
     p = world_size(group)
     tensor = tensor.contiguous()
     if p > 1:

@@ -42,6 +42,8 @@ from typing import Mapping
 
 import sympy as sp
 
+from .layouts import FFN_VARIANTS, check_variant  # noqa: F401 - formulas.FFN_VARIANTS
+
 # -- symbols ---------------------------------------------------------------------------------
 p, m, v = sp.symbols("p m v", positive=True, integer=True)
 t_f, t_b, t_w = sp.symbols("t_f t_b t_w", positive=True)
@@ -381,7 +383,7 @@ def _substitute(expr, substitutions):
 
 
 # -- tensor parallelism: the FFN of the homework --------------------------------------------------
-FFN_VARIANTS = ("col-row", "row-row", "col-col")
+# The variant names (FFN_VARIANTS) are defined in paralab.layouts, shared with paralab.tp.
 
 
 def ffn_shapes(variant: str = "col-row") -> "OrderedDict[str, tuple]":
@@ -400,6 +402,7 @@ def ffn_shapes(variant: str = "col-row") -> "OrderedDict[str, tuple]":
       output is a partial sum, and GeLU of a partial sum is not the partial sum of GeLUs.
     * ``col-col``: Linear2 column-parallel needs the complete Y, and produces a column shard
       of Z."""
+    check_variant(variant)
     four_d = 4 * d
     shapes: OrderedDict = OrderedDict()
     shapes["X"] = (B, S, d)
@@ -420,15 +423,13 @@ def ffn_shapes(variant: str = "col-row") -> "OrderedDict[str, tuple]":
         shapes["W2"] = (four_d, d)
         shapes["W2_shard"] = (four_d / P, d)
         shapes["Z_partial"] = (B, S, d)
-    elif variant == "col-col":
+    else:  # col-col
         shapes["W1_shard"] = (d, four_d / P)
         shapes["Y_shard"] = (B, S, four_d / P)
         shapes["Y"] = (B, S, four_d)
         shapes["W2"] = (four_d, d)
         shapes["W2_shard"] = (four_d, d / P)
         shapes["Z_shard"] = (B, S, d / P)
-    else:
-        raise ValueError(f"unknown FFN variant {variant!r}; choose from {', '.join(FFN_VARIANTS)}")
     shapes["Z"] = (B, S, d)
     return shapes
 
@@ -470,6 +471,7 @@ def ffn_collectives(variant: str = "col-row", output_gathered: bool = True) -> l
       rank's dL/dY is a partial sum: all-reduce (B*S*4d) -- a reduce-scatter would do,
       since only this rank's slice of it is used, halving that traffic; Linear1's dL/dX is
       all-reduced as in col-row."""
+    check_variant(variant)
     full_x = B * S * d
     full_y = B * S * 4 * d
     if variant == "col-row":
@@ -480,14 +482,12 @@ def ffn_collectives(variant: str = "col-row", output_gathered: bool = True) -> l
                 Collective("linear2", "forward", "all_reduce", "Z", full_x),
                 Collective("linear2", "backward", "all_gather", "dL/dY", full_y),
                 Collective("linear1", "backward", "all_gather", "dL/dX", full_x)]
-    if variant == "col-col":
-        records = [Collective("linear2", "forward", "all_gather", "Y", full_y)]
-        if output_gathered:
-            records.append(Collective("linear2", "forward", "all_gather", "Z", full_x))
-        records += [Collective("linear2", "backward", "all_reduce", "dL/dY", full_y),
-                    Collective("linear1", "backward", "all_reduce", "dL/dX", full_x)]
-        return records
-    raise ValueError(f"unknown FFN variant {variant!r}; choose from {', '.join(FFN_VARIANTS)}")
+    records = [Collective("linear2", "forward", "all_gather", "Y", full_y)]  # col-col
+    if output_gathered:
+        records.append(Collective("linear2", "forward", "all_gather", "Z", full_x))
+    records += [Collective("linear2", "backward", "all_reduce", "dL/dY", full_y),
+                Collective("linear1", "backward", "all_reduce", "dL/dX", full_x)]
+    return records
 
 
 def collective_traffic(op: str, elements=None, degree=P):
@@ -496,7 +496,10 @@ def collective_traffic(op: str, elements=None, degree=P):
 
     A ring all-gather passes ``P-1`` chunks of ``N/P`` around: ``(P-1)/P * N``; a
     reduce-scatter likewise; an all-reduce is a reduce-scatter followed by an all-gather:
-    ``2(P-1)/P * N``.  Multiply by ``e`` (bytes per element) for bytes."""
+    ``2(P-1)/P * N``.  Multiply by ``e`` (bytes per element) for bytes.
+
+    The course's one definition of ring traffic: :mod:`paralab.comm` prices every
+    collective it records with it (``CollectiveRecord.traffic_bytes``)."""
     n = sp.sympify(elements if elements is not None else sp.Symbol("N", positive=True))
     degree = sp.sympify(degree)
     per_step = (degree - 1) / degree * n

@@ -178,10 +178,13 @@ def validate(schedule: Schedule) -> Schedule:
     """Check that ``schedule`` describes one complete training step.
 
     Rules: every (microbatch, stage) has exactly one ``F`` and one ``B`` -- and, if any ``W``
-    appears, exactly one ``W`` -- all on the rank that owns the stage, in the order F, B, W.
+    appears, exactly one ``W`` -- all on the rank that owns the stage, and each after what
+    it needs on its own stage (:func:`paralab.rules.same_stage_needs`: F, then B, then W).
     Returns the schedule so calls can be chained; raises :class:`ScheduleError` otherwise.
     This does not prove the ranks can't wait on each other forever: the simulator does.
     """
+    from . import rules  # rules builds on Action, defined above
+
     p, m, n_stages = schedule.num_ranks, schedule.num_microbatches, schedule.num_stages
     if m < 1:
         raise ScheduleError(f"a schedule needs at least one microbatch, got {m}")
@@ -212,24 +215,34 @@ def validate(schedule: Schedule) -> Schedule:
                             f"{action} is missing: microbatch {mb} never runs the "
                             f"{_op_name(op)} of stage {stage} on rank "
                             f"{schedule.rank_of(stage)}{extra}")
-    for action_b, index_b in position.items():
-        if action_b[0] == "B":
-            index_f = position[("F", action_b[1], action_b[2])]
-            if index_b < index_f:
-                raise ScheduleError(
-                    f"rank {schedule.rank_of(action_b.stage)}: {action_b} (step {index_b}) comes "
-                    f"before its forward {Action('F', action_b.microbatch, action_b.stage)} "
-                    f"(step {index_f}): a backward needs the activations its forward saved")
-    if "W" in ops:
-        for action_w, index_w in position.items():
-            if action_w[0] == "W":
-                index_b = position[("B", action_w[1], action_w[2])]
-                if index_w < index_b:
-                    raise ScheduleError(
-                        f"rank {schedule.rank_of(action_w.stage)}: {action_w} (step {index_w}) "
-                        f"comes before {Action('B', action_w.microbatch, action_w.stage)} "
-                        f"(step {index_b}): the weight gradient needs the output gradient that "
-                        f"B receives")
+    for op in ops:
+        for need in rules.same_stage_needs(op):
+            needed_op = need.action.op
+            for action, index in position.items():
+                if action[0] == op:
+                    needed = Action(needed_op, action[1], action[2])
+                    before = position[needed]
+                    if index < before:
+                        raise ScheduleError(
+                            f"rank {schedule.rank_of(action.stage)}: {action} (step {index}) "
+                            f"comes before {need.label}{needed} (step {before}): {need.why}")
+    _mark_valid(schedule)
+    return schedule
+
+
+def ensure_valid(schedule: Schedule) -> Schedule:
+    """:func:`validate` ``schedule`` unless that is known to pass already.
+
+    A schedule is immutable, so once validated -- or built by one of the generators below,
+    whose every output the tests validate over a range of sizes -- it stays valid; the
+    simulator, the lowering and the executor call this instead of validating again."""
+    if not schedule.__dict__.get("_valid", False):
+        validate(schedule)
+    return schedule
+
+
+def _mark_valid(schedule: Schedule) -> Schedule:
+    object.__setattr__(schedule, "_valid", True)  # not a field: no effect on ==, hash, repr
     return schedule
 
 
@@ -294,7 +307,7 @@ def gpipe(p: int, m: int) -> Schedule:
     Every rank holds the activations of all ``m`` microbatches before its first backward."""
     _check_sizes(p, m)
     orders = [[F(i, r) for i in range(m)] + [B(i, r) for i in range(m)] for r in range(p)]
-    return Schedule(tuple(map(tuple, orders)), m, p, "gpipe")
+    return _mark_valid(Schedule(tuple(map(tuple, orders)), m, p, "gpipe"))
 
 
 @gc_paused
@@ -314,7 +327,7 @@ def one_f_one_b(p: int, m: int) -> Schedule:
             row += [F(warmup + k, r), B(k, r)]
         row += [B(i, r) for i in range(m - warmup, m)]  # cool-down
         orders.append(tuple(row))
-    return Schedule(tuple(orders), m, p, "1f1b")
+    return _mark_valid(Schedule(tuple(orders), m, p, "1f1b"))
 
 
 @gc_paused
@@ -346,12 +359,12 @@ def interleaved_one_f_one_b(p: int, m: int, v: int) -> Schedule:
         # Warm-up: enough forwards that the first backward of the last chunk can arrive.
         warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
         row = forwards[:warmup]
-        for k in range(total - warmup):
+        for k in range(total - warmup):  # steady state: one forward, one backward
             row += [forwards[warmup + k], backwards[k]]
-        row += backwards[total - warmup:]
+        row += backwards[total - warmup:]  # cool-down
         orders.append(tuple(row))
     name = "interleaved" if v > 1 else "interleaved(v=1)"
-    return Schedule(tuple(orders), m, p * v, name)
+    return _mark_valid(Schedule(tuple(orders), m, p * v, name))
 
 
 @gc_paused
@@ -371,7 +384,7 @@ def zb_h1(p: int, m: int) -> Schedule:
     for r in range(p):
         warmup = min(p - r - 1, m)
         may_owe = r  # W's this rank may postpone while it still has B's to run
-        row = [F(i, r) for i in range(warmup)]
+        row = [F(i, r) for i in range(warmup)]  # warm-up
         next_w = 0
 
         def backward(k: int) -> list[Action]:
@@ -382,13 +395,13 @@ def zb_h1(p: int, m: int) -> Schedule:
                 next_w += 1
             return out
 
-        for k in range(m - warmup):
+        for k in range(m - warmup):  # steady state
             row += [F(warmup + k, r)] + backward(k)
-        for k in range(m - warmup, m):
+        for k in range(m - warmup, m):  # cool-down: the remaining B's, then the W's owed
             row += backward(k)
         row += [W(i, r) for i in range(next_w, m)]
         orders.append(tuple(row))
-    return Schedule(tuple(orders), m, p, "zb-h1")
+    return _mark_valid(Schedule(tuple(orders), m, p, "zb-h1"))
 
 
 GENERATORS = {

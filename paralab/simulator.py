@@ -1,17 +1,25 @@
-"""A dependency-driven pipeline simulator.
+"""The fast pipeline simulator: exact timelines from dependencies and costs.
 
 Each rank executes its action list in order.  An action starts when its rank is free *and*
-everything it depends on has finished (plus ``comm`` when that dependency ran on another
-rank):
+everything it needs (:mod:`paralab.rules`: the previous stage's forward, its own forward and
+the next stage's backward, its own backward) has finished -- plus ``comm`` when that need
+was met on another rank.  No other rule exists, so the bubbles the simulator shows are
+exactly the ones the dependencies force.  Costs can be ints or ``Fraction``s (then every
+result is exact, which is how the tests compare it with the SymPy formulas) or floats.
 
-* ``F(i, s)`` needs ``F(i, s-1)``: the activations of the previous stage;
-* ``B(i, s)`` needs ``F(i, s)`` (its saved activations) and ``B(i, s+1)`` (the gradient
-  of its output);
-* ``W(i, s)`` needs ``B(i, s)``.
+Read :mod:`paralab.reference_simulator` first: it does the same in a few lines, and a
+property test checks that both give the same timeline on random schedules.  This one is
+built for a million actions (``bench/bench_simulator.py`` times p=64, m=1024, v=4):
 
-No other rule exists, so the bubbles the simulator shows are exactly the ones the
-dependencies force.  Costs can be ints or ``Fraction``s (then every result is exact, which
-is how the tests compare it with the SymPy formulas) or floats.
+* an integer clock: exact costs become whole numbers of ticks of ``1/scale``, because
+  ``Fraction`` arithmetic would dominate the run time; times become ``Fraction``s again
+  only at the end;
+* flat arrays: the end time of ``(op, stage, microbatch)`` lives at one index of a list,
+  and the needs of each ``(op, stage)`` are looked up once, as index offsets, from
+  :func:`paralab.rules.stage_table`;
+* no sweeping: a rank that must wait is parked on the one action it waits for and woken
+  when that action finishes;
+* Python's cyclic garbage collector is paused (:func:`~paralab.schedules.gc_paused`).
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from collections import deque
 from fractions import Fraction
 from math import lcm
 from numbers import Real
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
-from .schedules import Action, Schedule, ScheduleError, gc_paused, validate
+from . import rules
+from .schedules import Action, Schedule, ScheduleError, ensure_valid, gc_paused
 from .timeline import Timeline, make_event
 
 Cost = Union[Real, Sequence[Real]]
+OP_INDEX = {"F": 0, "B": 1, "W": 2}
 
 
 class DeadlockError(ScheduleError):
@@ -52,6 +62,19 @@ def stage_costs(cost: Cost, schedule: Schedule, name: str) -> list:
     return costs
 
 
+def action_costs(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
+                 comm: Real = 0) -> dict[str, list]:
+    """Per op, the cost of each stage's action.  When the schedule does not split the
+    backward (no ``W``), each ``B`` does both halves and costs ``t_b + t_w``."""
+    if not isinstance(comm, Real) or comm < 0:
+        raise ValueError(f"comm must be a non-negative number, got {comm!r}")
+    costs = {"F": stage_costs(t_f, schedule, "t_f"), "B": stage_costs(t_b, schedule, "t_b"),
+             "W": stage_costs(t_w, schedule, "t_w")}
+    if not schedule.splits_backward:
+        costs["B"] = [b + w for b, w in zip(costs["B"], costs["W"])]
+    return costs
+
+
 def _divide(x: Real, n: int):
     if isinstance(x, (int, Fraction)):
         return Fraction(x) / n
@@ -67,46 +90,82 @@ def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
     (no ``W`` actions), each ``B`` does both halves and costs ``t_b + t_w``.
 
     Times come out as ints when every cost is an int, as exact ``Fraction``s when any cost
-    is a ``Fraction`` (or an int split over ``v`` chunks), and as floats when any is a float."""
-    validate(schedule)
-    if not isinstance(comm, Real) or comm < 0:
-        raise ValueError(f"comm must be a non-negative number, got {comm!r}")
-    costs_f = stage_costs(t_f, schedule, "t_f")
-    costs_b = stage_costs(t_b, schedule, "t_b")
-    costs_w = stage_costs(t_w, schedule, "t_w")
-    if not schedule.splits_backward:
-        costs_b = [b + w for b, w in zip(costs_b, costs_w)]
+    is a ``Fraction`` (or an int split over ``v`` chunks), and as floats when any is a float.
+    An invalid schedule is refused with :func:`~paralab.schedules.validate`'s message (a
+    generated or already validated one is not checked again)."""
+    ensure_valid(schedule)
+    costs = action_costs(schedule, t_f, t_b, t_w, comm)
 
-    # Exact inputs are simulated on an integer clock (ticks of 1/scale) because Fraction
-    # arithmetic dominates the run time of large schedules; the times are converted back
-    # at the end, so results are exactly what Fraction arithmetic would give.
-    everything = costs_f + costs_b + costs_w + [comm]
+    # Exact inputs are simulated on an integer clock (ticks of 1/scale); the times are
+    # converted back at the end, so results are exactly what Fraction arithmetic would give.
+    everything = costs["F"] + costs["B"] + costs["W"] + [comm]
     exact = all(isinstance(c, (int, Fraction)) for c in everything)
     scale = 1
     if exact:
         for c in everything:
             if isinstance(c, Fraction):
                 scale = lcm(scale, c.denominator)
-
-        def ticks(c):
-            return int(c * scale)
+        ticks = {op: [int(c * scale) for c in row] for op, row in costs.items()}
+        hop = int(comm * scale)
     else:
-        def ticks(c):
-            return c
-    cost = {"F": [ticks(c) for c in costs_f], "B": [ticks(c) for c in costs_b],
-            "W": [ticks(c) for c in costs_w]}
+        ticks, hop = costs, comm
+    ranks, actions, starts, ends, busy = _run(schedule, ticks, hop)
+
+    if exact and (scale > 1 or any(isinstance(c, Fraction) for c in everything)):
+        times: dict = {0: 0}  # tick -> time: a step has few distinct times
+        for t in starts:
+            if t not in times:
+                times[t] = Fraction(t, scale)
+        for t in ends:
+            if t not in times:
+                times[t] = Fraction(t, scale)
+        get = times.__getitem__
+        events = tuple(map(make_event, ranks, actions, map(get, starts), map(get, ends)))
+        clock_scale = scale
+    else:
+        events = tuple(map(make_event, ranks, actions, starts, ends))
+        clock_scale = None
+    timeline = Timeline(schedule, events, source="simulated")
+    # Hand over what we have, so that metrics need no second pass over the events.  On the
+    # exact clock, with no instantaneous forward or backward, peak activations follow from
+    # each rank's order alone.  (Float sums and ties depend on rounding: there the timeline
+    # works from the times themselves.)
+    distinct = exact and min(costs["F"] + costs["B"]) > 0
+    timeline._preset(clock_scale, starts, ends, ranks, actions, busy if exact else None,
+                     distinct)
+    return timeline
+
+
+def check_deadlock(schedule: Schedule) -> None:
+    """Raise :class:`DeadlockError` if the ranks of ``schedule`` would wait on each other
+    forever (whatever the costs: waiting is decided by the order alone)."""
+    ensure_valid(schedule)
+    zero = [0] * schedule.num_stages
+    _run(schedule, {"F": zero, "B": zero, "W": zero}, 0)
+
+
+def _run(schedule: Schedule, cost: dict, hop) -> tuple[list, list, list, list, list]:
+    """The event loop.  ``cost[op][stage]`` and ``hop`` are in clock units.  Returns the
+    rank, action, start and end of every action in the order they were simulated, and the
+    busy time of each rank."""
     p, n_stages, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
-    # Neighbouring stages live on different ranks whenever p > 1 (stage s is on rank s % p).
-    hop = ticks(comm) if p > 1 else 0
-    n_keys = n_stages * m  # key of (op, mb, stage): op_index * n_keys + stage * m + mb
-    last = n_stages - 1
+    n_keys = n_stages * m  # (op, mb, stage) lives at index OP_INDEX[op] * n_keys + stage * m + mb
+    table: dict[str, list] = {op: [None] * n_stages for op in OP_INDEX}
+    for (op, stage), found in rules.stage_table(n_stages).items():
+        action = Action(op, 0, stage)
+        needs = tuple((OP_INDEX[n.action.op] * n_keys + n.action.stage * m,
+                       hop if rules.crosses(schedule, n, action) else 0) for n in found)
+        table[op][stage] = (OP_INDEX[op] * n_keys + stage * m, cost[op][stage], needs)
 
     end_time: list = [None] * (3 * n_keys)
-    waiting: dict[int, int] = {}  # dependency key -> rank blocked on it
+    waiting: dict[int, int] = {}  # key of an unfinished action -> the rank parked on it
     position = [0] * p
     rank_free = [0] * p
-    done_actions: list = []  # (rank, action, start, end) in execution order
-    record = done_actions.append
+    rank_busy = [0] * p
+    ranks: list = []
+    actions: list = []
+    starts: list = []
+    ends: list = []
     ready = deque(range(p))
 
     while ready:
@@ -115,95 +174,56 @@ def simulate(schedule: Schedule, t_f: Cost, t_b: Cost, t_w: Cost = 0,
         n = len(row)
         pos = position[rank]
         free = rank_free[rank]
+        busy = rank_busy[rank]
         while pos < n:
             action = row[pos]
             op, mb, stage = action
-            base = stage * m + mb
+            key, duration, needs = table[op][stage]
             start = free
-            blocked = None
-            if op == "F":
-                k = base
-                if stage > 0:
-                    done = end_time[base - m]
-                    if done is None:
-                        blocked = base - m
-                    else:
-                        done = done + hop
-                        if done > start:
-                            start = done
-            elif op == "B":
-                k = n_keys + base
-                done = end_time[base]
+            for base, delay in needs:
+                done = end_time[base + mb]
                 if done is None:
-                    blocked = base
-                else:
-                    if done > start:
-                        start = done
-                    if stage < last:
-                        done = end_time[k + m]
-                        if done is None:
-                            blocked = k + m
-                        else:
-                            done = done + hop
-                            if done > start:
-                                start = done
-            else:
-                k = 2 * n_keys + base
-                done = end_time[n_keys + base]
-                if done is None:
-                    blocked = n_keys + base
-                elif done > start:
+                    break  # not finished yet: park this rank on it (below)
+                done += delay
+                if done > start:
                     start = done
-            if blocked is not None:
-                waiting[blocked] = rank
-                break
-            end = start + cost[op][stage]
-            end_time[k] = end
-            free = end
-            record((rank, action, start, end))
-            pos += 1
-            woken = waiting.pop(k, None)
-            if woken is not None:
-                ready.append(woken)
+            else:  # every need has finished: run it
+                key += mb
+                free = end_time[key] = start + duration
+                busy += duration
+                ranks.append(rank)
+                actions.append(action)
+                starts.append(start)
+                ends.append(free)
+                pos += 1
+                woken = waiting.pop(key, None)
+                if woken is not None:
+                    ready.append(woken)
+                continue
+            waiting[base + mb] = rank
+            break
         position[rank] = pos
         rank_free[rank] = free
+        rank_busy[rank] = busy
 
-    stuck = [r for r in range(p) if position[r] < len(schedule.orders[r])]
-    if stuck:
-        def key(op, mb, stage):
-            return ({"F": 0, "B": 1, "W": 2}[op] * n_stages + stage) * m + mb
-        raise DeadlockError(_deadlock_message(schedule, stuck, position, end_time, key))
-
-    if exact and (scale > 1 or any(isinstance(c, Fraction) for c in everything)):
-        times: dict = {0: 0}  # tick -> time; a step has few distinct times: convert each once
-
-        def convert(t):
-            value = times.get(t)
-            if value is None:
-                value = times[t] = Fraction(t, scale)
-            return value
-    else:
-        def convert(t):
-            return t
-    events = tuple(make_event(rank, action, convert(start), convert(end))
-                   for rank, action, start, end in done_actions)
-    return Timeline(schedule, events, source="simulated")
+    if any(position[r] < len(schedule.orders[r]) for r in range(p)):
+        def finished(a: Action) -> bool:
+            return end_time[OP_INDEX[a.op] * n_keys + a.stage * m + a.microbatch] is not None
+        raise DeadlockError(deadlock_message(schedule, position, finished))
+    return ranks, actions, starts, ends, rank_busy
 
 
-def _deadlock_message(schedule, stuck, position, end_time, key) -> str:
+def deadlock_message(schedule: Schedule, position: Sequence[int],
+                     finished: Callable[[Action], bool]) -> str:
+    """Name every rank that cannot go on, the action it is at and the needs of that action
+    that never finish.  ``position[r]`` is the index of rank ``r``'s next action."""
     lines = ["deadlock: the schedule can never finish; these ranks wait forever:"]
-    for rank in stuck:
-        action = schedule.orders[rank][position[rank]]
-        needs = []
-        if action.op == "F" and action.stage > 0:
-            needs.append(Action("F", action.microbatch, action.stage - 1))
-        if action.op == "B":
-            needs.append(Action("F", action.microbatch, action.stage))
-            if action.stage < schedule.num_stages - 1:
-                needs.append(Action("B", action.microbatch, action.stage + 1))
-        if action.op == "W":
-            needs.append(Action("B", action.microbatch, action.stage))
-        missing = [a for a in needs if end_time[key(a.op, a.microbatch, a.stage)] is None]
+    for rank, row in enumerate(schedule.orders):
+        if position[rank] == len(row):
+            continue
+        action = row[position[rank]]
+        missing = [n.action for n in rules.needs(action, schedule.num_stages)
+                   if not finished(n.action)]
         waits = ", ".join(f"{a} (rank {schedule.rank_of(a.stage)})" for a in missing)
         lines.append(f"  rank {rank} at step {position[rank]} ({action}) waits for {waits}")
     lines.append("each of those is itself queued behind an action that waits: reorder so that "

@@ -31,7 +31,9 @@ partial sums *before* GeLU (GeLU(a + b) != GeLU(a) + GeLU(b)); column -> column 
 all-gather Y before the second layer.  ``paralab.formulas`` derives all three costs.
 
 Every collective goes through :mod:`paralab.comm`, so a ``with comm.record() as log:``
-block shows exactly what moved.
+block shows exactly what moved.  The layers are built where their dense original lives
+(or on ``device=``, as ``nn.Linear``); :func:`ffn_parity_run` builds on
+:func:`paralab.launch.device`, so the same exercise runs under gloo and NCCL.
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm
-
-VARIANTS = ("col-row", "row-row", "col-col")
+from . import comm, launch
+from .layouts import check_variant
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +124,8 @@ class ColumnParallelLinear(nn.Module):
     Build it from a dense layer with :meth:`from_dense` to compare against the original."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 gather_output: bool = False, group=None, name: str = "linear"):
+                 gather_output: bool = False, group=None, name: str = "linear",
+                 device=None, dtype=None):
         super().__init__()
         p = comm.world_size(group)
         if out_features % p:
@@ -131,16 +133,18 @@ class ColumnParallelLinear(nn.Module):
                              f"by the tensor-parallel degree {p}")
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.group, self.name = gather_output, group, name
-        self.weight = nn.Parameter(torch.empty(out_features // p, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features // p)) if bias else None
+        place = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features // p, in_features, **place))
+        self.bias = nn.Parameter(torch.zeros(out_features // p, **place)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
     @classmethod
     def from_dense(cls, dense: nn.Linear, *, gather_output: bool = False, group=None,
                    name: str = "linear") -> "ColumnParallelLinear":
+        """This rank's shard of ``dense``, on ``dense``'s device and dtype."""
         layer = cls(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                    gather_output=gather_output, group=group, name=name)
-        layer.to(dtype=dense.weight.dtype, device=dense.weight.device)
+                    gather_output=gather_output, group=group, name=name,
+                    device=dense.weight.device, dtype=dense.weight.dtype)
         p, r = comm.world_size(group), comm.rank(group)
         with torch.no_grad():  # nn.Linear stores W transposed: output features are rows
             layer.weight.copy_(comm.shard(dense.weight, 0, r, p))
@@ -164,7 +168,8 @@ class RowParallelLinear(nn.Module):
     all-reduce, so it is not counted P times."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 input_is_parallel: bool = True, group=None, name: str = "linear"):
+                 input_is_parallel: bool = True, group=None, name: str = "linear",
+                 device=None, dtype=None):
         super().__init__()
         p = comm.world_size(group)
         if in_features % p:
@@ -172,16 +177,18 @@ class RowParallelLinear(nn.Module):
                              f"the tensor-parallel degree {p}")
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.group, self.name = input_is_parallel, group, name
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // p))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        place = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // p, **place))
+        self.bias = nn.Parameter(torch.zeros(out_features, **place)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
     @classmethod
     def from_dense(cls, dense: nn.Linear, *, input_is_parallel: bool = True, group=None,
                    name: str = "linear") -> "RowParallelLinear":
+        """This rank's shard of ``dense``, on ``dense``'s device and dtype."""
         layer = cls(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                    input_is_parallel=input_is_parallel, group=group, name=name)
-        layer.to(dtype=dense.weight.dtype, device=dense.weight.device)
+                    input_is_parallel=input_is_parallel, group=group, name=name,
+                    device=dense.weight.device, dtype=dense.weight.dtype)
         p, r = comm.world_size(group), comm.rank(group)
         with torch.no_grad():
             layer.weight.copy_(comm.shard(dense.weight, 1, r, p))
@@ -212,58 +219,87 @@ class FFN(nn.Module):
         return self.linear2(F.gelu(self.linear1(x)))
 
 
+_LAYERS = {"column": ColumnParallelLinear, "row": RowParallelLinear}
+
+
 class ParallelFFN(nn.Module):
-    """The FFN split over the ranks of ``group`` in one of three layouts.
+    """The FFN split over the ranks of ``group`` in one of the layouts of
+    :data:`paralab.layouts.LAYOUTS`.
 
     * ``col-row`` (Megatron): column -> GeLU on shards -> row.  Output replicated.
     * ``row-row``: row (all-reduce *before* GeLU) -> GeLU -> row.  Output replicated.
     * ``col-col``: column (all-gather Y) -> GeLU -> column.  With ``gather_output`` the
       output is all-gathered again; without it each rank holds a column shard of Z.
+
+    Each layer's input is what the layer before hands over: a row-parallel Linear2 after
+    a column-parallel Linear1 consumes the column shards of Y as they are; after a
+    replicated output it slices its input itself; a column-parallel Linear1 in front of
+    another column-parallel layer gathers its output.
     """
 
     def __init__(self, dense: FFN, variant: str = "col-row", *, group=None,
                  gather_output: bool = True):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        first, second = check_variant(variant)
         self.variant = variant
-        l1, l2 = dense.linear1, dense.linear2
-        if variant == "col-row":
-            self.linear1 = ColumnParallelLinear.from_dense(l1, group=group, name="linear1")
-            self.linear2 = RowParallelLinear.from_dense(l2, input_is_parallel=True, group=group,
-                                                        name="linear2")
-        elif variant == "row-row":
-            self.linear1 = RowParallelLinear.from_dense(l1, input_is_parallel=False,
-                                                        group=group, name="linear1")
-            self.linear2 = RowParallelLinear.from_dense(l2, input_is_parallel=False,
-                                                        group=group, name="linear2")
-        else:
-            self.linear1 = ColumnParallelLinear.from_dense(l1, gather_output=True, group=group,
-                                                           name="linear1")
-            self.linear2 = ColumnParallelLinear.from_dense(l2, gather_output=gather_output,
-                                                           group=group, name="linear2")
+        self.linear1 = self._layer(first, dense.linear1, "linear1", group,
+                                   output_gathered=second == "column", input_sharded=False)
+        self.linear2 = self._layer(second, dense.linear2, "linear2", group,
+                                   output_gathered=gather_output, input_sharded=first == "column")
+
+    @staticmethod
+    def _layer(kind, dense, name, group, output_gathered, input_sharded):
+        if kind == "column":
+            return ColumnParallelLinear.from_dense(dense, gather_output=output_gathered,
+                                                   group=group, name=name)
+        return RowParallelLinear.from_dense(dense, input_is_parallel=input_sharded, group=group,
+                                            name=name)
 
     def forward(self, x):
         return self.linear2(F.gelu(self.linear1(x)))
 
 
-def ffn_parity_run(rank: int, world_size: int, variant: str = "col-row", batch: int = 2,
-                   seq: int = 4, d: int = 8, seed: int = 0, dtype=torch.float64,
-                   gather_output: bool = True) -> dict:
-    """Worker for ``paralab.launch.run``: one forward+backward of the parallel FFN.
+# ---------------------------------------------------------------------------------------------
+# Parity with the dense FFN: what the tests, the lecture and the command line run
+# ---------------------------------------------------------------------------------------------
+def ffn_case(batch: int, seq: int, d: int, seed: int = 0, dtype=torch.float64, device=None):
+    """The dense FFN, input ``X`` and target of a parity check: ``(dense, x, target)``.
 
-    Every rank builds the same dense FFN and input from ``seed``, shards it, runs one step
-    under a communication log and returns its output, ``dL/dX``, its parameter gradients
-    and the log, so the caller can compare them with the dense model."""
+    Drawn from ``seed`` on the CPU, in this order (``torch.manual_seed(seed)``, ``FFN(d)``,
+    ``randn`` for X, ``randn`` for the target), so that every rank and the single-process
+    reference get the same numbers whatever their device; then moved to ``device``."""
     torch.manual_seed(seed)
     dense = FFN(d).to(dtype)
     x = torch.randn(batch, seq, d, dtype=dtype)
     target = torch.randn(batch, seq, d, dtype=dtype)
+    if device is not None:
+        dense, x, target = dense.to(device), x.to(device), target.to(device)
+    return dense, x, target
+
+
+def dense_reference(batch: int, seq: int, d: int, seed: int = 0, dtype=torch.float64) -> dict:
+    """One forward+backward of the dense FFN of :func:`ffn_case`, in this process (CPU).
+
+    Returns ``output``, ``input_grad`` (dL/dX) and ``grads`` (parameter name -> gradient),
+    the loss being ``sum((FFN(X) - target)^2)`` as in :func:`ffn_parity_run`."""
+    dense, x, target = ffn_case(batch, seq, d, seed, dtype)
+    x.requires_grad_(True)
+    out = dense(x)
+    ((out - target) ** 2).sum().backward()
+    return {"output": out.detach(), "input_grad": x.grad.detach(),
+            "grads": {name: p.grad.detach() for name, p in dense.named_parameters()}}
+
+
+def ffn_parity_step(rank: int, world_size: int, variant: str = "col-row", batch: int = 2,
+                    seq: int = 4, d: int = 8, seed: int = 0, dtype=torch.float64,
+                    gather_output: bool = True) -> dict:
+    """:func:`ffn_parity_run`, with every tensor left on :func:`paralab.launch.device`."""
+    dense, x, target = ffn_case(batch, seq, d, seed, dtype, device=launch.device())
     model = ParallelFFN(dense, variant, gather_output=gather_output)
     sharded_output = variant == "col-col" and not gather_output
     if sharded_output:  # each rank owns the loss of its own columns of Z
         target = comm.shard(target, -1, rank, world_size)
-    x = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
     with comm.record() as log:
         out = model(x)
         ((out - target) ** 2).sum().backward()
@@ -274,3 +310,20 @@ def ffn_parity_run(rank: int, world_size: int, variant: str = "col-row", batch: 
         "grads": {name: p.grad.detach() for name, p in model.named_parameters()},
         "records": log.records,
     }
+
+
+def ffn_parity_run(rank: int, world_size: int, variant: str = "col-row", batch: int = 2,
+                   seq: int = 4, d: int = 8, seed: int = 0, dtype=torch.float64,
+                   gather_output: bool = True) -> dict:
+    """Worker for ``paralab.launch.run``: one forward+backward of the parallel FFN.
+
+    Every rank builds the dense FFN and input of :func:`ffn_case` on its device, shards it,
+    runs one step under a communication log and returns its output, ``dL/dX``, its
+    parameter gradients (copied to the CPU, to compare with :func:`dense_reference`) and
+    the log."""
+    result = ffn_parity_step(rank, world_size, variant, batch, seq, d, seed, dtype,
+                             gather_output)
+    result["output"] = result["output"].cpu()
+    result["input_grad"] = result["input_grad"].cpu()
+    result["grads"] = {name: g.cpu() for name, g in result["grads"].items()}
+    return result

@@ -163,3 +163,20 @@ def test_python_dash_m_paralab(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error:") and bad.stderr.count("\n") == 1
+
+
+def test_large_orders_only_on_request(capsys):
+    # 8 ranks x 128 microbatches x (F + B) = 2048 actions: past the 2000 printed by default.
+    argv = ["simulate", "--schedule", "gpipe", "-p", "8", "-m", "128", "--tf", "1", "--tb", "2"]
+    got = run_json(capsys, *argv)
+    assert got["order"] is None and got["actions"] == 2048
+    assert "pass --order" in got["order_note"]
+    assert got["makespan"] == (128 + 7) * 3 and got["peak_activations"] == [128] * 8
+    full = run_json(capsys, *argv, "--order")
+    assert full["order"] == build("gpipe", 8, 128).to_strings()
+    assert {k: v for k, v in full.items() if k != "order"} == \
+        {k: v for k, v in got.items() if k not in ("order", "order_note")}
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "2048 actions, not printed (use --order to print them)" in out
+    code, out, _ = run(capsys, *argv, "--order")
+    assert code == 0 and "rank 7: 7F0 7F1" in out and "7B127" in out

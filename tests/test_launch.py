@@ -1,5 +1,6 @@
 """paralab.launch: worlds of gloo processes on the CPU, their results, failures and hangs."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from paralab import launch
-from paralab.launch import WorkerError, WorkerTimeout, run
+from paralab.launch import WorkerError, WorkerTimeout, diagnosis, lifecycle, rendezvous, run
 
 # Send this module's worker functions by value: otherwise every worker of every world
 # imports this module, and pytest with it (~0.1 s a world).
@@ -69,6 +70,21 @@ def open_fds() -> int:
 
 def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def healthy_world_s(world_size: int) -> float:
+    """Seconds a healthy world of this size takes right now: the calibration that timing
+    assertions scale with, so that a loaded machine makes them wider, not wrong."""
+    t0 = time.monotonic()
+    run(noop, world_size, echo=False)
+    return time.monotonic() - t0
+
+
+def reported_within(healthy: float) -> float:
+    """How soon after its start a world with a failure must have been reported: the grace
+    the other ranks get, the stack dump of ranks still running, and a few healthy worlds'
+    worth of starting and stopping processes (1 s of slack for the scheduler)."""
+    return launch.GRACE_S + diagnosis.DUMP_WAIT_S + 5 * healthy + 1.0
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +251,20 @@ def test_worker_environment(baseline, monkeypatch):
     assert launch.device() == torch.device("cpu")
 
 
+def test_device_can_be_named_for_gloo_ranks(monkeypatch):
+    monkeypatch.delenv("PARALAB_DEVICE", raising=False)
+    assert launch.device() == torch.device("cpu")
+    monkeypatch.setenv("PARALAB_DEVICE", "meta")
+    assert launch.device() == torch.device("meta")
+    monkeypatch.setenv("PARALAB_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="PARALAB_DEVICE='gpu0' is not a device torch knows"):
+        launch.device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PARALAB_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            launch.device()
+
+
 def test_output_is_echoed_with_rank_prefixes(baseline, capsys):
     assert run(chatty, 2) == [0, 1]
     out = capsys.readouterr().out
@@ -293,11 +323,12 @@ def test_unpicklable_result_is_reported(baseline):
 
 
 def test_the_rank_that_failed_first_is_blamed(baseline):
+    bound = reported_within(healthy_world_s(4))
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as info:
-        run(rank2_raises, 4, timeout=30, echo=False)
+        run(rank2_raises, 4, timeout=2 * bound, echo=False)
     e = info.value
-    assert time.monotonic() - t0 < 10  # the others were not waited for until the timeout
+    assert time.monotonic() - t0 < bound  # the others were not waited for until the timeout
     assert e.rank == 2 and not isinstance(e, WorkerTimeout)
     message = str(e)
     assert message.startswith("rank 2 raised ValueError: boom")
@@ -309,12 +340,13 @@ def test_the_rank_that_failed_first_is_blamed(baseline):
 
 
 def test_ranks_outside_collectives_are_killed_after_a_failure(baseline):
+    bound = reported_within(healthy_world_s(3))
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as info:
-        run(rank1_raises_others_busy, 3, timeout=30, echo=False)
+        run(rank1_raises_others_busy, 3, timeout=2 * bound, echo=False)
     assert info.value.rank == 1 and "missing-key" in str(info.value)
     assert "still running" in str(info.value)  # the others are reported, then killed
-    assert time.monotonic() - t0 < launch.GRACE_S + 3
+    assert time.monotonic() - t0 < bound
     assert descendants() <= baseline  # no process left behind
 
 
@@ -333,12 +365,13 @@ def test_a_rank_exiting_without_an_exception(baseline):
 
 def test_hang_is_stopped_at_the_timeout_and_located(baseline):
     timeout = 2.0
+    healthy = healthy_world_s(3)
     t0 = time.monotonic()
     with pytest.raises(WorkerTimeout) as info:
         run(hang_missing_collective, 3, timeout=timeout, echo=False)
     elapsed = time.monotonic() - t0
     e = info.value
-    assert timeout <= elapsed < timeout + 3
+    assert timeout <= elapsed < timeout + reported_within(healthy)
     assert isinstance(e, WorkerError) and isinstance(e, RuntimeError)
     assert e.rank == 1 and e.ranks == [0, 1, 2]
     message = str(e)
@@ -362,11 +395,13 @@ def test_deadlock_is_located_and_grandchildren_are_killed(baseline, tmp_path):
 
 
 def test_debug_catches_a_shape_mismatch_that_gloo_lets_through(baseline):
+    t0 = time.monotonic()
     assert run(shape_mismatch, 2, echo=False) == [(2, 3), (3, 2)]  # silently wrong
+    bound = reported_within(time.monotonic() - t0)
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as info:
-        run(shape_mismatch, 2, debug=True, echo=False)
-    assert time.monotonic() - t0 < 10
+        run(shape_mismatch, 2, debug=True, timeout=2 * bound, echo=False)
+    assert time.monotonic() - t0 < bound  # at once, not at the timeout
     assert "Detected mismatch between collectives" in str(info.value)
     assert "Tensor shapes" in info.value.tracebacks[info.value.rank]
 
@@ -379,6 +414,151 @@ def test_repeated_worlds_leak_nothing(baseline):
     assert descendants() <= baseline  # no process left behind
     assert open_fds() <= fds
     assert native_threads() <= threads
+
+
+# --------------------------------------------------------------------------------------
+# Starting a world again when its ranks could not connect
+
+
+def counted_all_reduce(rank, world_size, call_dir, fail=None):
+    """Leaves one line per call in call_dir/<rank>, then all-reduces; rank 1 raises `fail`."""
+    with open(os.path.join(call_dir, str(rank)), "a") as f:
+        f.write("called\n")
+    if fail is not None and rank == 1:
+        raise fail
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def calls(call_dir, world_size) -> list[int]:
+    return [len(Path(call_dir, str(r)).read_text().splitlines())
+            if Path(call_dir, str(r)).exists() else 0 for r in range(world_size)]
+
+
+def retry_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "paralab.launch"]
+
+
+GLOO_UNDER_LOAD = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Gloo connectFullMesh "
+                   "failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                   "closed by peer [127.0.0.1]:41227")
+
+
+def test_a_failed_join_is_retried_and_logged_and_fn_runs_once_per_rank(
+        baseline, tmp_path, monkeypatch, caplog):
+    # Rank 1 fails 0.3 s after joining: the other ranks have joined by then, and would
+    # have run fn already if they did not wait for every rank at the gate.
+    monkeypatch.setattr(lifecycle, "_JOIN_FAULTS", {1: {1: (0.3, GLOO_UNDER_LOAD)}})
+    with caplog.at_level(logging.WARNING, logger="paralab.launch"):
+        assert run(counted_all_reduce, 4, str(tmp_path), echo=False) == [4.0] * 4
+    assert calls(tmp_path, 4) == [1, 1, 1, 1]
+    [warning] = retry_warnings(caplog)
+    assert "rank 1 could not join the process group (DistNetworkError: " in warning
+    assert "Connection closed by peer" in warning and "attempt 2 of 3" in warning
+    assert descendants() <= baseline  # the first world's processes are gone too
+
+
+def test_failed_joins_are_retried_a_bounded_number_of_times(baseline, tmp_path, monkeypatch,
+                                                          caplog):
+    fault = {0: (0.0, "Connection reset by peer")}
+    monkeypatch.setattr(lifecycle, "_JOIN_FAULTS",
+                        {attempt: fault for attempt in range(1, rendezvous.ATTEMPTS + 1)})
+    with caplog.at_level(logging.WARNING, logger="paralab.launch"):
+        with pytest.raises(WorkerError) as info:
+            run(counted_all_reduce, 2, str(tmp_path), echo=False)
+    message = str(info.value)
+    assert info.value.rank == 0
+    assert message.startswith("rank 0 raised DistNetworkError: Connection reset by peer "
+                              "(while joining the process group)")
+    assert f"run() started this world {rendezvous.ATTEMPTS} times" in message
+    assert len(retry_warnings(caplog)) == rendezvous.ATTEMPTS - 1
+    assert calls(tmp_path, 2) == [0, 0]  # fn never started
+    assert descendants() <= baseline
+
+
+@pytest.mark.parametrize("fail", [ValueError("a bug in fn"),
+                                  ConnectionResetError("Connection reset by peer")],
+                         ids=["bug", "network-error-in-fn"])
+def test_errors_once_fn_runs_are_never_retried(baseline, tmp_path, caplog, fail):
+    with caplog.at_level(logging.WARNING, logger="paralab.launch"):
+        with pytest.raises(WorkerError) as info:
+            run(counted_all_reduce, 3, str(tmp_path), fail, echo=False)
+    assert info.value.rank == 1 and str(info.value).startswith(
+        f"rank 1 raised {type(fail).__name__}: {fail}")
+    # Exactly once on the failing rank; at most once on the others (they may be stopped
+    # before they get to fn on a very busy machine, but are never started again).
+    assert calls(tmp_path, 3)[1] == 1 and max(calls(tmp_path, 3)) == 1
+    assert retry_warnings(caplog) == []
+
+
+def test_a_world_whose_ranks_started_fn_is_never_started_again(baseline, tmp_path,
+                                                               monkeypatch, caplog):
+    """Even if a failure inside fn were mistaken for a failed join, the markers the ranks
+    leave before loading fn stop the world from being started again."""
+    monkeypatch.setattr(rendezvous, "transient_failure",
+                        lambda records: min(records, key=lambda r: r["time"], default=None))
+    with caplog.at_level(logging.WARNING, logger="paralab.launch"):
+        with pytest.raises(WorkerError) as info:
+            run(counted_all_reduce, 3, str(tmp_path), ValueError("in fn"), echo=False)
+    assert str(info.value).startswith("rank 1 raised ValueError: in fn")
+    assert "The world was not started again because rank" in str(info.value)
+    assert "had already started loading fn" in str(info.value)
+    assert calls(tmp_path, 3)[1] == 1 and max(calls(tmp_path, 3)) == 1
+    assert retry_warnings(caplog) == []
+    assert descendants() <= baseline
+
+
+def _record(phase, type_, message, t=0.0):
+    return {"phase": phase, "type": type_, "message": message, "time": t, "rank": 0}
+
+
+def test_only_connection_failures_while_joining_count_as_transient():
+    join = rendezvous.PHASE
+    gloo = _record(join, "DistNetworkError", GLOO_UNDER_LOAD)
+    assert rendezvous.transient_failure([gloo]) is gloo
+    # What gloo raised when a peer vanished during the join (measured with torch 2.13).
+    refused = _record(join, "RuntimeError", "Gloo connectFullMesh failed with [.../pair.cc:152] "
+                                            "timed out connecting: SO_ERROR: Connection refused")
+    assert rendezvous.transient_failure([refused]) is refused
+    assert rendezvous.transient_failure([_record(join, "JoinAborted", "another rank"), gloo]) \
+        is gloo
+    for rec in [_record("running fn", "DistNetworkError", GLOO_UNDER_LOAD),  # fn had started
+                _record("loading fn and its arguments", "OSError", "Connection refused"),
+                _record(join, "DistStoreError", "Socket Timeout"),  # the timeout is spent
+                _record(join, "ValueError", "Connection closed by peer"),  # not a network error
+                _record(join, "JoinAborted", "another rank could not join")]:
+        assert rendezvous.transient_failure([rec]) is None, rec
+
+
+BURN_S = 600  # the burner's own limit, should the test be killed before it stops it
+BURNER = f"import time\nend = time.monotonic() + {BURN_S}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def summed(rank, world_size):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+@pytest.mark.slow
+def test_200_world_starts_in_a_row_under_a_cpu_burning_neighbour(baseline, caplog):
+    """Joins that fail under load (1 in 60 measured on 2 busy cores) are started again; a
+    student never sees them.  Each world joins and all-reduces once, like every notebook
+    cell that calls run()."""
+    burner = subprocess.Popen([sys.executable, "-c", BURNER])
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="paralab.launch"):
+            for _ in range(200):
+                assert run(summed, 4, echo=False) == [6.0] * 4
+        elapsed = time.monotonic() - t0
+    finally:
+        burner.kill()
+        burner.wait()
+    print(f"200 worlds of 4 ranks in {elapsed:.1f} s next to a CPU burner; "
+          f"{len(retry_warnings(caplog))} started again")
+    assert descendants() <= baseline
 
 
 # --------------------------------------------------------------------------------------
@@ -399,6 +579,48 @@ def _env_with(path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def test_command_line_in_process(baseline, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tinymod_inproc.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # options may come after the arguments; literals are converted
+    assert launch.main(["tinymod_inproc:work", "2", "--world-size=3"]) == 0
+    out = capsys.readouterr().out
+    assert [f"[rank {r}] returned 12.0" in out for r in range(3)] == [True] * 3
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["tinymod"], "expected MODULE:FUNCTION"),
+    (["m:f", "--world-size", "many"], "whole number of processes"),
+    (["m:f", "--world-size", "0"], "whole number of processes"),
+    (["m:f", "--backend", "mpi"], "invalid choice"),
+    (["m:f", "--timeout", "-1"], "positive number of seconds"),
+    (["m:f", "--world_size", "4"], "unrecognized arguments: --world_size"),  # a typo
+    ([], "MODULE:FUNCTION"),
+])
+def test_command_line_usage_errors(argv, complaint, capsys):
+    assert launch.main(argv) == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_command_line_help_and_literals(capsys):
+    assert launch.main(["--help"]) == 0
+    assert "MODULE:FUNCTION" in capsys.readouterr().out
+    from paralab.launch.cli import literal
+    assert [literal(a) for a in ["3", "0.5", "[1, 2]", "'x'", "x", "-2", "a b"]] == \
+        [3, 0.5, [1, 2], "x", "x", -2, "a b"]
+
+
+def test_command_line_refuses_a_world_size_torchrun_does_not_have(monkeypatch, capsys,
+                                                                  tmp_path):
+    (tmp_path / "tinymod_torchrun.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for key, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    assert launch.main(["tinymod_torchrun:work", "--world-size", "3"]) == 2
+    assert "disagrees with torchrun's WORLD_SIZE=2" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -525,3 +747,28 @@ def test_functions_defined_in_a_notebook(tmp_path):
     assert "results [3.0, 3.0] [21.0, 21.0]" in text[2]  # 1 + 2 and 10 + 11
     # The hung rank is located in the notebook's own cell, with the cell's source line.
     assert "rank 1 still running" in text[3] and "time.sleep(0.1)  # notebook-loop" in text[3]
+
+
+def test_a_rank_that_finishes_between_two_looks_is_not_taken_for_a_crash(tmp_path):
+    """The supervisor reads exit codes before result files: a rank that writes its result
+    and exits just as the supervisor looks must count as finished (under load this race
+    reported a clean rank as "exited with code 0 without raising")."""
+    import pickle
+
+    from paralab.launch import lifecycle
+
+    class FinishesWhenLookedAt:
+        def __init__(self, rank):
+            self.rank = rank
+
+        @property
+        def exitcode(self):  # the rank writes its result and exits right now
+            path = tmp_path / f"rank{self.rank}.result"
+            if not path.exists():
+                path.write_bytes(pickle.dumps(self.rank * 10))
+            return 0
+
+        sentinel = None
+
+    procs = [FinishesWhenLookedAt(r) for r in range(3)]
+    assert lifecycle._supervise(procs, str(tmp_path), 0.0, 60.0, False, []) == [0, 10, 20]

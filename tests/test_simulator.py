@@ -5,7 +5,8 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from paralab.schedules import Schedule, gpipe, interleaved_one_f_one_b, one_f_one_b, zb_h1
+from paralab.schedules import (Schedule, ScheduleError, gpipe, interleaved_one_f_one_b,
+                               one_f_one_b, zb_h1)
 from paralab.simulator import DeadlockError, simulate
 
 
@@ -116,3 +117,30 @@ def test_timeline_respects_dependencies_and_rank_order(p, m, t_f, t_b):
                 assert t.event(f"{a.stage + 1}B{a.microbatch}").end <= e.start
         # Busy + idle = makespan on every rank; ideal is the busiest rank's work.
         assert all(b + i == t.makespan for b, i in zip(t.busy, t.idle))
+
+
+def test_generated_or_validated_schedules_are_not_validated_again(monkeypatch):
+    import paralab.schedules as schedules
+
+    calls = []
+    real = schedules.validate
+    monkeypatch.setattr(schedules, "validate", lambda s: calls.append(s) or real(s))
+    simulate(one_f_one_b(4, 8), 2, 4)  # a generator's output is valid by construction
+    assert calls == []
+    own = Schedule.from_strings(["0F0 0F1 0B0 0B1", "1F0 1B0 1F1 1B1"])
+    simulate(own, 1, 1)
+    simulate(own, 1, 2)
+    assert calls == [own]  # once: a schedule cannot change
+    broken = Schedule.from_strings(["0F0 0B0 0F1", "1F0 1B0 1F1 1B1"])
+    for _ in range(2):  # a failed validation is not remembered as a pass
+        with pytest.raises(ScheduleError, match="0B1 is missing: microbatch 1 never runs"):
+            simulate(broken, 1, 1)
+
+
+def test_peaks_with_instantaneous_actions_count_coinciding_changes_together():
+    # Zero-cost forwards and backwards: acquiring and releasing at one instant holds nothing.
+    s = Schedule.from_strings(["0F0 0F1 0B0 0B1"])
+    t = simulate(s, 0, 0)
+    assert t.peak_activations == [0]
+    assert simulate(s, 0, 1).peak_activations == [2]
+    assert simulate(s, 1, 0).peak_activations == [2]

@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from paralab import comm, formulas, launch, tp
+from paralab import comm, formulas, launch, layouts, tp
 
 BATCH, SEQ, D = 2, 4, 8
 CASES = [("col-row", True), ("row-row", True), ("col-col", True), ("col-col", False)]
+# How each layout splits (Linear1, Linear2): "col" layers own rows of nn.Linear's (out, in)
+# weight and slices of the bias, "row" layers columns of the weight and a full bias.
+SPLITS = {"col-row": ("col", "row"), "row-row": ("row", "row"), "col-col": ("col", "col")}
 
 
 def run_all_variants(rank, world_size):
@@ -24,13 +27,27 @@ def world(request):
 
 
 def dense_reference():
-    torch.manual_seed(0)  # the same draws, in the same order, as tp.ffn_parity_run
-    dense = tp.FFN(D).to(torch.float64)
-    x = torch.randn(BATCH, SEQ, D, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(BATCH, SEQ, D, dtype=torch.float64)
+    """The dense FFN on the same data as tp.ffn_parity_run, in this process."""
+    dense, x, target = tp.ffn_case(BATCH, SEQ, D)
+    x.requires_grad_(True)
     out = dense(x)
     ((out - target) ** 2).sum().backward()
     return out.detach(), x.grad, dense
+
+
+def test_every_layout_is_tested():
+    assert set(SPLITS) == set(layouts.FFN_VARIANTS) == {v for v, _ in CASES}
+    assert formulas.FFN_VARIANTS == layouts.FFN_VARIANTS
+
+
+def test_dense_reference_is_the_dense_ffn_on_the_parity_data():
+    out, input_grad, dense = dense_reference()
+    reference = tp.dense_reference(BATCH, SEQ, D)
+    assert_close(reference["output"], out)
+    assert_close(reference["input_grad"], input_grad)
+    assert reference["grads"].keys() == dict(dense.named_parameters()).keys()
+    for name, p in dense.named_parameters():
+        assert_close(reference["grads"][name], p.grad)
 
 
 def assemble(per_rank, name, dim):
@@ -46,11 +63,7 @@ def test_outputs_and_every_gradient_match_the_dense_ffn(world, variant, gathered
     for r in per_rank:
         assert_close(r["output"], out)
         assert_close(r["input_grad"], input_grad)
-    # Column-parallel layers own rows of nn.Linear's (out, in) weight and slices of the bias;
-    # row-parallel layers own columns of the weight and a full copy of the bias.
-    layers = {"col-row": ("col", "row"), "row-row": ("row", "row"),
-              "col-col": ("col", "col")}[variant]
-    for name, kind in zip(("linear1", "linear2"), layers):
+    for name, kind in zip(("linear1", "linear2"), SPLITS[variant]):
         reference = getattr(dense, name)
         if kind == "col":
             assert_close(assemble(per_rank, f"{name}.weight", 0), reference.weight.grad)
@@ -75,8 +88,8 @@ def test_recorded_communication_equals_the_formulas(world, variant, gathered):
             assert x.bytes == x.elements * 8  # float64
             assert x.world_size == p
             # ring traffic per rank: 2(P-1)/P N for all-reduce, (P-1)/P N for all-gather
-            traffic = formulas.collective_traffic(x.op, x.elements, p) * 8
-            assert x.traffic_bytes == Fraction(int(traffic.p), int(traffic.q))
+            ring = {"all_reduce": Fraction(2 * (p - 1), p), "all_gather": Fraction(p - 1, p)}
+            assert x.traffic_bytes == ring[x.op] * x.bytes
 
 
 def test_homework_sizes_col_row_moves_4_mib_each_way():
@@ -141,3 +154,45 @@ def test_comm_log_is_scoped_to_its_block():
     with pytest.raises(ValueError, match="phase must be"):
         with comm.record():
             comm.all_reduce(x, phase="sideways")
+
+
+# -- every tensor on launch.device() -------------------------------------------------------------
+def placement_dry_run(rank, world_size):
+    """A world of one rank whose device is "meta" (PARALAB_DEVICE=meta): the exercise runs
+    on shapes alone, and a tensor created on the CPU either meets a meta tensor in an
+    operation or is handed to a collective; both raise.  A world of one rank sends nothing,
+    so only the placement is checked: exactly what hides CPU tensors in GPU code."""
+    devices = {}
+    for variant, gathered in CASES:
+        result = tp.ffn_parity_step(rank, world_size, variant, BATCH, SEQ, D,
+                                    gather_output=gathered)
+        tensors = {"output": result["output"], "input_grad": result["input_grad"],
+                   **result["grads"]}
+        devices[f"{variant}/{gathered}"] = {name: t.device.type for name, t in tensors.items()}
+    # The mistake this guards against: the dense model and the input built on the CPU.
+    dense = tp.FFN(D).to(torch.float64)
+    model = tp.ParallelFFN(dense, "col-row")
+    try:
+        model(torch.randn(BATCH, SEQ, D, dtype=torch.float64))
+        cpu_tensors = "accepted"
+    except ValueError as e:
+        cpu_tensors = str(e)
+    return devices, cpu_tensors
+
+
+def test_every_tensor_of_the_exercise_is_on_the_rank_device(monkeypatch):
+    monkeypatch.setenv("PARALAB_DEVICE", "meta")
+    [(devices, cpu_tensors)] = launch.run(placement_dry_run, 1, echo=False)
+    assert set(devices) == {f"{v}/{g}" for v, g in CASES}
+    for case, names in devices.items():
+        assert names and set(names.values()) == {"meta"}, case
+    assert cpu_tensors.startswith("all_reduce was handed a tensor on cpu, but this rank "
+                                  "computes on meta (paralab.launch.device())")
+
+
+def test_results_come_back_on_the_cpu(world):
+    p, results = world
+    for r in results:
+        for case in r.values():
+            assert case["output"].device.type == case["input_grad"].device.type == "cpu"
+            assert {g.device.type for g in case["grads"].values()} == {"cpu"}

@@ -277,18 +277,17 @@ def collectives_check(variant, phase):
 
 
 # -- the student's f, g and tp_ffn -----------------------------------------------------------
-def _case_data(case):
+def _case_data(case, device=None):
     world, batch, seq, d, seed = case
-    torch.manual_seed(seed)
-    dense = tp.FFN(d).to(torch.float64)
-    x = torch.randn(batch, seq, d, dtype=torch.float64)
-    target = torch.randn(batch, seq, d, dtype=torch.float64)
-    return dense, x, target
+    return tp.ffn_case(batch, seq, d, seed, device=device)
 
 
 def tp_ffn_worker(rank, world_size, tp_ffn, case):
-    """Run the student's ``tp_ffn`` on this rank's shards; return plain data to check."""
-    dense, x, target = _case_data(case)
+    """Run the student's ``tp_ffn`` on this rank's shards (every tensor on the rank's
+    device, so the same test runs under NCCL); return plain CPU data to check."""
+    from paralab import launch
+
+    dense, x, target = _case_data(case, launch.device())
     shard = lambda t, dim: comm.shard(t, dim, rank, world_size)  # noqa: E731
     w1 = shard(dense.linear1.weight.detach(), 0).requires_grad_(True)
     b1 = shard(dense.linear1.bias.detach(), 0).requires_grad_(True)
@@ -298,10 +297,13 @@ def tp_ffn_worker(rank, world_size, tp_ffn, case):
     with comm.record() as log:
         out = tp_ffn(x, w1, b1, w2, b2)
         ((out - target) ** 2).sum().backward()
+
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
     return {
-        "output": out.detach(),
-        "input_grad": None if x.grad is None else x.grad.detach(),
-        "grads": [None if t.grad is None else t.grad.detach() for t in (w1, b1, w2, b2)],
+        "output": cpu(out),
+        "input_grad": cpu(x.grad),
+        "grads": [cpu(t.grad) for t in (w1, b1, w2, b2)],
         "collectives": [(r.phase, r.op, r.elements) for r in log],
     }
 

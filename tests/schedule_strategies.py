@@ -1,0 +1,18 @@
+"""Hypothesis strategies shared by the schedule, rules, lowering and simulator tests."""
+
+from hypothesis import strategies as st
+
+from paralab.schedules import build
+
+KINDS = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+
+
+@st.composite
+def generated_schedules(draw, max_p: int = 6, max_m: int = 12, max_v: int = 3):
+    """A schedule from one of the generators, at sizes they accept (interleaved: m a
+    multiple of p, and v chunks per rank)."""
+    kind = draw(st.sampled_from(KINDS))
+    p, m = draw(st.integers(1, max_p)), draw(st.integers(1, max_m))
+    if kind == "interleaved":
+        return build(kind, p, m * p, draw(st.integers(1, max_v)))
+    return build(kind, p, m)
