@@ -240,9 +240,10 @@ def solution_pages() -> dict[str, str]:
 
 
 def library_modules() -> list[str]:
+    """Every public module of ``paralab``, subpackages' modules included."""
     import paralab
-    return sorted(f"paralab.{m.name}" for m in pkgutil.iter_modules(paralab.__path__)
-                  if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.walk_packages(paralab.__path__, "paralab.")
+                  if not any(part.startswith("_") for part in m.name.split(".")))
 
 
 def api_pages() -> dict[str, str]:
