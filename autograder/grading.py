@@ -4,16 +4,26 @@ with every test re-checked outside the student's kernel.
 Phases, for a folder or zip laid out ``<student>/<assignment>/<notebook>.ipynb``:
 
 1. the course's sources are converted and released into the working course directory
-   ``OUT/course`` (an nbgrader course: gradebook, ``submitted/``, ``autograded/``, ...);
-2. each submission is read and repaired (:mod:`autograder.submissions`) and autograded by
-   nbgrader in this process, its notebook running in :mod:`autograder.sandbox`;
-3. the recorded answers of all submissions are re-checked in one fresh process per
-   assignment (``python -m autograder.verify``), and each test cell's score in the
-   gradebook is set from that clean verdict;
-4. feedback HTML is generated (hidden tests and traceback frames removed) and copied to
+   ``OUT/course`` (an nbgrader course: gradebook, ``submitted/``, ``autograded/``, ...), and
+   the course code a notebook imports is copied once for the whole run
+   (:mod:`autograder.coursecode`);
+2. each submission is read and repaired (:mod:`autograder.submissions`);
+3. nbgrader autogrades every submission once to *collect* what it would execute into an
+   execution plan (:class:`autograder.preprocessors.ExecutionPlan`, a folder named in the
+   nbgrader config); the probes of the assignments are added to it
+   (:mod:`autograder.probes`);
+4. the plan runs on a pool of ``--jobs`` sandboxed runs (:class:`autograder.sandbox.Sandbox`;
+   ``--jobs 1`` is a pool of one); as soon as every run of an assignment is done its clean
+   re-check starts (one fresh process per assignment, ``python -m autograder.verify``);
+5. nbgrader autogrades every submission again, now *replaying* each result, and each test
+   cell's score in the gradebook is set from its clean verdict;
+6. feedback HTML is generated (hidden tests and traceback frames removed) and copied to
    ``OUT/feedback/<student>/<assignment>/<notebook>.html``;
-5. ``OUT/grades.csv`` is rewritten from the gradebook and the status file, so re-running
+7. ``OUT/grades.csv`` is rewritten from the gradebook and the status file, so re-running
    (the same or another batch) replaces a student's row and never duplicates it.
+
+Whatever goes wrong with one submission (its notebook, its files, nbgrader on it) becomes
+that submission's status; the others are graded as if it were not there.
 """
 
 from __future__ import annotations
@@ -27,20 +37,26 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import probes as probing
 from . import submissions as subs
 from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_cells,
                      quiet_logs, run_converter, source_cells, validate_assignment)
-from .preprocessors import REPORT_DIR, report_path
-from .sandbox import DEFAULT_SANDBOX_UID, Limits, Sandbox, list_processes
+from .coursecode import CourseCode
+from .limits import Limits
+from .preprocessors import REPORT_DIR, ExecutionPlan, PlannedRun, report_path, run_plan
+from .processes import DEFAULT_SANDBOX_UID, sweep_strays
+from .sandbox import MAX_ANSWERS_BYTES, RunResult, Sandbox
 
 STATUS_FILE = "status.json"
 CSV_COLUMNS = ["student", "assignment", "score", "max_score", "status"]
 VERIFY_MEMORY_MB = 4096
+GRADER_RESERVE_MB = 1536   # memory this process and a clean re-check need besides the jobs
 
 
 @dataclass
@@ -51,16 +67,42 @@ class GradeOptions:
     limits: Limits = field(default_factory=Limits)
     sandbox_uid: int = DEFAULT_SANDBOX_UID
     progress: bool = True
-    jobs: int = 1                  # notebooks running at the same time
+    jobs: int = 0                  # notebooks running at the same time (0: default_jobs)
     warn: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+
+
+def default_jobs(limits: Limits) -> int:
+    """As many notebooks at once as the machine can run: one per core, and no more than
+    fit in the memory available, each at its limits (processes, /tmp and work directory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    available = _available_mb()
+    if available is None or not limits.memory_mb:
+        return max(1, cores)
+    fit = (available - GRADER_RESERVE_MB) // max(1, limits.ram_mb())
+    return max(1, min(cores, fit))
+
+
+def _available_mb() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass
 class Entry:
     """One (student, assignment) of this run."""
 
-    student: str
+    student: str              # the student's id in nbgrader (submissions.student_id)
     assignment: str
+    name: str = ""            # the student's folder name, as grades.csv shows it
     status: str = "graded"
     notes: list[str] = field(default_factory=list)
     notebooks: dict[str, str] = field(default_factory=dict)   # name -> submitted file
@@ -69,10 +111,14 @@ class Entry:
     overturned: int = 0
     elapsed: float = 0.0
     single: bool = True       # the assignment has a single notebook
+    problems: dict[str, str] = field(default_factory=dict)    # file -> its status
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.student
 
     @property
     def key(self) -> str:
-        return f"{self.student}/{self.assignment}"
+        return f"{subs.display_name(self.name)}/{self.assignment}"
 
     def full_status(self) -> str:
         return "; ".join([self.status] + self.notes)
@@ -106,14 +152,17 @@ def grade(submissions: str, options: GradeOptions) -> list[Entry]:
         raise GradingError(f"another grading run is using {out}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="paralab-submissions-") as tmp:
+            problems: dict[str, str] = {}
             if os.path.isfile(submissions):
                 if not submissions.lower().endswith(".zip"):
                     raise GradingError(f"{submissions} is neither a folder nor a .zip file")
                 try:
-                    for w in subs.extract_zip(submissions, tmp):
-                        options.warn(f"warning: {w}")
+                    extracted = subs.extract_zip(submissions, tmp)
                 except subs.InputError as e:
                     raise GradingError(str(e)) from None
+                for w in extracted.warnings:
+                    options.warn(f"warning: {w}")
+                problems = extracted.problems
                 root = tmp
             else:
                 root = submissions
@@ -122,15 +171,53 @@ def grade(submissions: str, options: GradeOptions) -> list[Entry]:
                 warnings.filterwarnings("ignore", module=r"nbgrader\..*")
                 warnings.filterwarnings("ignore", message=r".*not in session.*")
                 return _grade_folder(course, subs.class_root(root, assignments), out,
-                                     options)
+                                     options, problems)
     finally:
         lock.close()
 
 
-def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) -> list[Entry]:
+@dataclass
+class _Run:
+    """What one grading run holds besides the entries."""
+
+    course: Course
+    workdir: Workdir
+    out: str
+    options: GradeOptions
+    cfg: Any = None
+    box: Sandbox | None = None
+    plan: ExecutionPlan | None = None
+    codes: dict[str, CourseCode] = field(default_factory=dict)
+    cells: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
+                  problems: dict[str, str] | None = None) -> list[Entry]:
     workdir = Workdir(course, os.path.join(out, "course"))
     os.makedirs(workdir.root, exist_ok=True)
     _write_course_config(workdir.root, course)
+    with tempfile.TemporaryDirectory(prefix="paralab-grading-") as scratch:
+        run = _Run(course, workdir, out, options)
+        run.plan = ExecutionPlan(os.path.join(scratch, "plan"))
+        run.codes["main"] = CourseCode.build(os.path.join(scratch, "code", "main"),
+                                             course.extra_checks_dirs())
+        run.box = Sandbox.create(options.sandbox, options.limits, run.codes["main"],
+                                 options.sandbox_uid, warn=options.warn)
+        run.cfg = workdir.config(**_overrides(course, options, run.plan.folder))
+        started = time.monotonic()
+        entries = _setup_and_grade(run, root, problems or {}, scratch)
+        sweep_strays()
+        _save_status(workdir.root, entries)
+        export_grades(out)
+        _log_run(workdir.root, entries, time.monotonic() - started, run.box.mode)
+        return entries
+
+
+def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: str
+                     ) -> list[Entry]:
+    course, workdir, options = run.course, run.workdir, run.options
     known = course.assignments()
     # what to expect of each assignment
     expected = {a: list(course.sources(a)) for a in known}
@@ -138,18 +225,14 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
     for w in warnings:
         options.warn(f"warning: {w}")
     needed = sorted({f.assignment for f in found if f.assignment in known})
-    box = Sandbox.create(options.sandbox, options.limits, None, options.sandbox_uid,
-                         warn=options.warn)
-    cfg = workdir.config(**_overrides(course, options))
     releases: dict[str, dict[str, Any]] = {}
-    cells: dict[str, dict[str, list[dict]]] = {}
-    modules = {}
     for a in needed:
         try:
             validate_assignment(course, a)
-            modules[a] = course.check_module(a)
-            workdir.generate(a, cfg)
-        except (CourseError, NbgraderFailure) as e:
+            run.modules[a] = course.check_module(a)
+            run.probes[a] = probing.probes_of(run.modules[a])
+            workdir.generate(a, run.cfg)
+        except (CourseError, NbgraderFailure, probing.ProbeError) as e:
             raise GradingError(f"course error: {e}") from None
         import nbformat
         releases[a] = {n: nbformat.read(workdir.release_path(a, n), as_version=4)
@@ -162,66 +245,94 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
                 options.warn(f"warning: assignments/{a}/{n}.ipynb is not what solutions/{a}/ "
                              f"generates (run `python -m autograder generate {a}`); grading "
                              f"follows the sources")
-        cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
+        run.cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
+    _probe_libraries(run, scratch)
     # match notebooks again, now that the releases are known (renamed notebooks)
     found, _ = subs.discover(root, expected, releases)
-    entries = [Entry(f.student, f.assignment) for f in found]
-    started = time.monotonic()
+    entries = [Entry(f.sid or f.student, f.assignment, name=f.student) for f in found]
     todo = []
     for item, entry in zip(found, entries):
+        entry.problems = {p: why for p, why in problems.items()
+                          if (p + os.sep).startswith(item.folder + os.sep)}
         if item.assignment not in known:
             entry.status = f"unknown assignment folder (expected one of: {', '.join(known)})"
-        elif _prepare(item, entry, workdir, releases[item.assignment]):
+        elif _guarded(entry, workdir, _prepare, item, entry, workdir,
+                      releases[item.assignment]):
             todo.append(entry)
-    if options.jobs > 1 and len(todo) > 1:
-        _autograde_parallel(todo, workdir, cfg, course, options)
-    else:
-        bar = _bar(len(todo), "grading", options.progress)
-        try:
-            for entry in todo:
-                bar.set_postfix_str(entry.key, refresh=False)
-                t0 = time.monotonic()
-                _autograde(entry, workdir, cfg)
-                entry.elapsed = time.monotonic() - t0
-                bar.update(1)
-        finally:
-            bar.close()
+    _execute(run, todo)
     graded = [e for e in entries if e.graded]
     by_assignment: dict[str, list[Entry]] = {}
     for e in graded:
         by_assignment.setdefault(e.assignment, []).append(e)
     for a, group in sorted(by_assignment.items()):
         verdicts = _verify(course, a, group, workdir.root, options)
-        _apply_verdicts(group, verdicts, workdir, cells[a])
+        _apply_verdicts(group, verdicts, workdir, run.cells[a])
     bar = _bar(len(graded), "feedback", options.progress)
     try:
         for e in graded:
-            _feedback(e, workdir, cfg, out)
+            _guarded(e, workdir, _feedback_for, e, workdir, run.cfg, run.out)
             bar.update(1)
     finally:
         bar.close()
     for e in entries:
         if not e.graded:
-            _status_feedback(e, out)
-    _sweep_strays()
-    _save_status(workdir.root, entries)
-    export_grades(out)
-    _log_run(workdir.root, entries, time.monotonic() - started, box.mode)
+            try:
+                _status_feedback(e, run.out)
+                _feedback_folder(e, run.out)
+            except Exception as err:  # noqa: BLE001 - a page for one, never the run
+                e.notes.append(f"no feedback: {type(err).__name__}: {err}")
     return entries
 
 
-def _overrides(course: Course, options: GradeOptions) -> dict[str, Any]:
-    lim = options.limits
+def _guarded(entry: Entry, workdir: Workdir, step: Callable, *args: Any) -> Any:
+    """``step(*args)``; an unexpected error becomes the entry's status ("grading error")
+    instead of ending the run for everyone."""
+    try:
+        return step(*args)
+    except Exception as e:  # noqa: BLE001
+        entry.status = f"grading error ({type(e).__name__}: {str(e)[:200]})"
+        entry.graded = False
+        try:
+            _zero_submission(workdir, entry.assignment, entry.student)
+        except Exception:  # noqa: BLE001 - the status already says it
+            pass
+        return False
+
+
+def _execute(run: _Run, todo: list[Entry]) -> None:
+    """Collect, run on the pool, replay (see the module's docstring)."""
+    options, workdir = run.options, run.workdir
+    collected = [e for e in todo
+                 if _guarded(e, workdir, _autograde, e, workdir, run.cfg, False)]
+    _collect_probes(run, collected)
+    jobs = options.jobs or default_jobs(options.limits)
+    pending = run.plan.pending()
+    bar = _bar(len(pending), "grading", options.progress)
+    elapsed: dict[tuple[str, str], float] = {}
+    lock = threading.Lock()
+
+    def done(planned: PlannedRun, result: RunResult) -> None:
+        with lock:
+            key = planned.key[:2]
+            elapsed[key] = elapsed.get(key, 0.0) + result.elapsed
+            bar.set_postfix_str(planned.name, refresh=False)
+            bar.update(1)
+
+    try:
+        run_plan(run.plan, run.box, jobs, run.codes, done)
+    finally:
+        bar.close()
+    for e in collected:
+        if _guarded(e, workdir, _autograde, e, workdir, run.cfg, True):
+            e.elapsed = elapsed.get((e.student, e.assignment), 0.0)
+            _guarded(e, workdir, _gather_probe_answers, run, e)
+
+
+def _overrides(course: Course, options: GradeOptions, plan: str) -> dict[str, Any]:
     return {
-        "Execute.timeout": int(lim.cell_timeout) if lim.cell_timeout else None,
+        "SandboxedExecute.plan": plan,
         "SandboxedExecute.sandbox": options.sandbox,
-        "SandboxedExecute.notebook_timeout": float(lim.notebook_timeout),
-        "SandboxedExecute.interrupt_grace": float(lim.interrupt_grace),
-        "SandboxedExecute.memory_mb": int(lim.memory_mb),
-        "SandboxedExecute.max_procs": int(lim.max_procs),
-        "SandboxedExecute.cpu_seconds": int(lim.cpu_seconds),
-        "SandboxedExecute.file_size_mb": int(lim.file_size_mb),
-        "SandboxedExecute.max_cell_output": int(lim.max_cell_output),
+        "SandboxedExecute.limits": options.limits.to_dict(),
         "SandboxedExecute.sandbox_uid": int(options.sandbox_uid),
         "SandboxedExecute.checks_path": course.extra_checks_dirs(),
         "Autograde.create_student": True,
@@ -257,7 +368,70 @@ def _bar(total: int, desc: str, enabled: bool):
             def set_postfix_str(self, s, refresh=True): pass
             def close(self): pass
         return _Null()
-    return tqdm(total=total, desc=desc, unit="sub", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Probes (autograder/probes.py)
+
+
+def _probe_libraries(run: _Run, scratch: str) -> None:
+    """One copy of the course code per set of unavailable functions, made once."""
+    wanted = probing.unavailable_sets(p for ps in run.probes.values() for p in ps.values())
+    for unavailable in wanted:
+        name = probing.variant_name(unavailable)
+        transform = probing.library_without(unavailable)
+        try:
+            run.codes[name] = CourseCode.build(os.path.join(scratch, "code", name),
+                                               run.course.extra_checks_dirs(), transform)
+            transform.check()
+        except probing.ProbeError as e:
+            raise GradingError(f"course error: {e}") from None
+
+
+def _collect_probes(run: _Run, entries: list[Entry]) -> None:
+    """Add the probe runs of every collected submission to the plan."""
+    if not any(run.probes.values()):
+        return
+    collected = {(r.key, r.kind): r for r in run.plan.pending()}
+    for e in entries:
+        for key, probe in sorted(run.probes.get(e.assignment, {}).items()):
+            for name in e.notebooks:
+                main = collected.get(((e.student, e.assignment, name), "notebook"))
+                if main is None:
+                    continue
+                nb = probing.probe_notebook(main.notebook, probe, e.assignment, key)
+                if nb is None:
+                    continue
+                answers = probing.answers_path(main.answers)
+                run.plan.collect(PlannedRun(
+                    main.key, nb, f"{answers}.{_safe(key)}.part", kind=f"probe:{key}",
+                    code=probing.variant_name(tuple(sorted(set(probe.unavailable))))))
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+
+
+def _gather_probe_answers(run: _Run, e: Entry) -> None:
+    """Each notebook's probe answers, in one ``.probe.jsonl`` next to its answers."""
+    for name in e.notebooks:
+        main = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
+                           ".jsonl")
+        target = probing.answers_path(main)
+        parts = [f"{target}.{_safe(key)}.part"
+                 for key in sorted(run.probes.get(e.assignment, {}))]
+        if not any(os.path.exists(p) for p in parts):
+            continue
+        with open(target, "wb") as out:
+            for part in parts:
+                try:
+                    with open(part, "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                out.write(data if not data or data.endswith(b"\n") else data + b"\n")
+                os.remove(part)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,7 +444,7 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
     nbgrader can grade (the entry then has its final status and a zero grade)."""
     import nbformat
 
-    a, student = item.assignment, item.student
+    a, student = item.assignment, entry.student
     root = workdir.root
     submitted = os.path.join(root, "submitted", student, a)
     for kind in ("runs", "answers", "verdicts"):
@@ -283,11 +457,18 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
     for name in releases:
         prefix = "" if single else f"{name}: "
         if name not in item.notebooks:
+            unusable = [why for path, why in entry.problems.items()]
+            if unusable:
+                problems.append(f"{prefix}{unusable[0]}")
+                continue
             others = ", ".join(item.extra[:3]) or "no notebook"
             problems.append(f"{prefix}missing notebook ({name}.ipynb not found; found "
                             f"{others})")
             continue
         path = item.notebooks[name]
+        if path in entry.problems:  # a zip member that could not be used
+            problems.append(f"{prefix}{entry.problems[path]}")
+            continue
         subs.copy_original(path, os.path.join(root, "originals", student, a,
                                               os.path.relpath(path, item.folder)))
         if name in item.renamed:
@@ -316,7 +497,8 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
 
 
 def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> bool:
-    """nbgrader's autograde of one submission (``final``: then read the run reports)."""
+    """nbgrader's autograde of one submission: the collecting pass (``final`` False) or
+    the replaying one (then the run reports are read)."""
     from nbgrader.converters import Autograde
 
     a, student, root = entry.assignment, entry.student, workdir.root
@@ -345,64 +527,23 @@ def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> 
     return True
 
 
-def _autograde_parallel(todo: list[Entry], workdir: Workdir, cfg: Any, course: Course,
-                        options: GradeOptions) -> None:
-    """Autograde with ``options.jobs`` notebooks running at once (see ExecutionPlan)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+def _feedback_for(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
+    _feedback(e, workdir, cfg, out)
+    _feedback_folder(e, out)
 
-    from .preprocessors import ExecutionPlan, SandboxedExecute
-    from .sandbox import CourseView
 
-    plan = ExecutionPlan("collect")
-    SandboxedExecute.plan = plan
-    try:
-        ready = [e for e in todo if _autograde(e, workdir, cfg, final=False)]
-        view = CourseView.default(course.extra_checks_dirs())
-        # each run leases its own unused uid (RLIMIT_NPROC and the clean-up are per uid)
-        box = Sandbox.create(options.sandbox, options.limits, view, options.sandbox_uid)
-
-        def run(key: tuple) -> tuple:
-            digest, data = plan.jobs[key]
-            answers = report_path(workdir.root, "answers", key[0], key[1], key[2], ".jsonl")
-            return key, (digest, box.run(data, answers_dest=answers), box.mode)
-
-        bar = _bar(len(plan.jobs), "grading", options.progress)
-        elapsed: dict[tuple, float] = {}
+def _feedback_folder(e: Entry, out: str) -> None:
+    """Feedback goes to the student's folder name (nbgrader knows the student by id)."""
+    if e.name == e.student:
+        return
+    src = os.path.join(out, "feedback", e.student, e.assignment)
+    dest = os.path.join(out, "feedback", e.name, e.assignment)
+    subs.clear_dir(dest)
+    if os.path.isdir(src):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(src, dest)
         try:
-            with ThreadPoolExecutor(max_workers=options.jobs) as pool:
-                futures = [pool.submit(run, key) for key in plan.jobs]
-                for future in as_completed(futures):
-                    key, done = future.result()
-                    plan.results[key] = done
-                    elapsed[key[:2]] = elapsed.get(key[:2], 0.0) + done[1].elapsed
-                    bar.set_postfix_str(f"{key[0]}/{key[1]}", refresh=False)
-                    bar.update(1)
-        finally:
-            bar.close()
-        plan.mode = "replay"
-        for entry in ready:
-            _autograde(entry, workdir, cfg)
-            entry.elapsed = elapsed.get((entry.student, entry.assignment), 0.0)
-    finally:
-        SandboxedExecute.plan = None
-
-
-def _sweep_strays() -> None:
-    """Kill any descendant of the grader still carrying a run's marker (without
-    bubblewrap an orphan could outlive its run); with bubblewrap there are none."""
-    import signal
-    from .sandbox import MARKER_ENV, descendants
-    procs = list_processes()
-    me = os.getpid()
-    marker = f"{MARKER_ENV}=".encode()
-    for pid in descendants(procs, [me]):
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker not in f.read():
-                    continue
-            os.kill(pid, signal.SIGKILL)
+            os.rmdir(os.path.dirname(src))
         except OSError:
             pass
 
@@ -428,6 +569,12 @@ def _run_status(entry: Entry, single: bool) -> None:
         if run.get("survivors"):
             entry.notes.append(f"{prefix}{run['survivors']} process(es) had to be killed "
                                f"after the run")
+        if run.get("leftovers"):
+            entry.notes.append(f"{prefix}{len(run['leftovers'])} file(s) of the run could "
+                               f"not be removed from the grading machine")
+        if run.get("answers_truncated"):
+            entry.notes.append(f"{prefix}recorded answers cut at "
+                               f"{MAX_ANSWERS_BYTES // 2**20} MiB")
     if stops:
         entry.status = "; ".join(stops)
 
@@ -647,9 +794,10 @@ def load_status(root: str) -> dict[str, dict]:
 def _save_status(root: str, entries: list[Entry]) -> None:
     status = load_status(root)
     for e in entries:
-        status[e.key] = {"student": e.student, "assignment": e.assignment,
-                         "status": e.full_status(), "graded_at": time.strftime(
-                             "%Y-%m-%dT%H:%M:%S"), "seconds": round(e.elapsed, 1)}
+        status[e.key] = {"student": subs.display_name(e.name), "id": e.student,
+                         "assignment": e.assignment, "status": e.full_status(),
+                         "graded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "seconds": round(e.elapsed, 1)}
     path = _status_path(root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -677,12 +825,13 @@ def export_grades(out: str) -> str:
         seen = set()
         for key, info in sorted(status.items()):
             student, assignment = info["student"], info["assignment"]
-            seen.add((student, assignment))
+            sid = info.get("id", student)  # the name, for rows written before ids
+            seen.add((sid, assignment))
             score, max_score = 0.0, 0.0
             if assignment in assignments:
                 max_score = assignments[assignment].max_score
                 try:
-                    score = gb.find_submission(assignment, student).score
+                    score = gb.find_submission(assignment, sid).score
                 except MissingEntry:
                     score = 0.0
             rows.append([student, assignment, _num(score), _num(max_score), info["status"]])

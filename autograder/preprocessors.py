@@ -15,15 +15,17 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nbgrader.preprocessors import NbGraderPreprocessor
 from nbgrader.preprocessors.execute import Execute
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Dict, Integer, List, Unicode
 
-from .sandbox import (DEFAULT_SANDBOX_UID, CourseView, Limits, RunResult, Sandbox,
-                      apply_results)
+from .limits import Limits
+from .outputs import apply_results
+from .processes import DEFAULT_SANDBOX_UID
+from .sandbox import RunResult
 
 REPORT_DIR = "grader"  # under the course directory: runs/, answers/, verdicts/
 HIDDEN_BEGIN, HIDDEN_END = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
@@ -35,91 +37,170 @@ def report_path(root: str, kind: str, student: str, assignment: str, notebook: s
     return os.path.join(root, REPORT_DIR, kind, student, assignment, notebook + ext)
 
 
-@dataclass
-class ExecutionPlan:
-    """Lets the grader run several notebooks at once although nbgrader autogrades one
-    after the other: nbgrader runs twice.  In the "collect" pass each notebook, exactly as
-    nbgrader would execute it, is set aside (and left failing, so the gradebook never holds
-    scores of unexecuted notebooks); the grader then runs them in parallel; in the "replay"
-    pass each notebook gets the result of its run (a notebook that differs from the one
-    collected runs then and there)."""
-
-    mode: str = "collect"
-    jobs: dict[tuple, tuple[str, dict]] = field(default_factory=dict)
-    results: dict[tuple, tuple[str, RunResult, str]] = field(default_factory=dict)
-
-
 def notebook_digest(nb: dict) -> str:
     return hashlib.sha256(json.dumps(nb, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass
+class PlannedRun:
+    """One notebook to run: what nbgrader would execute, and where its answers go."""
+
+    key: tuple[str, str, str]       # (student, assignment, notebook)
+    notebook: dict
+    answers: str                    # answers file (JSON lines)
+    kind: str = "notebook"          # notebook | probe
+    code: str = "main"              # which copy of the course code it imports
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        self.digest = self.digest or notebook_digest(self.notebook)
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.key) + ("" if self.kind == "notebook" else f" ({self.kind})")
+
+
+class ExecutionPlan:
+    """The notebooks of a grading run, handed between nbgrader and the grader's pool
+    through a folder (named in the config as ``SandboxedExecute.plan``).
+
+    nbgrader autogrades one notebook after the other, in this process; the grader runs
+    them on a pool.  So ``grade`` lets nbgrader run twice.  In the first pass
+    :class:`SandboxedExecute` finds no result for a notebook: it writes the notebook,
+    exactly as nbgrader would execute it, to ``jobs/`` (and leaves it failing, so that the
+    gradebook never holds scores of an unexecuted notebook).  The grader runs every job
+    (:meth:`pending`) and stores each result in ``results/``.  In the second pass each
+    notebook finds its result (same content) and gets its outputs.  A notebook without a
+    result stays failing, with status "error", and so is never graded on stale outputs."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def _path(self, kind: str, key: tuple, suffix: str = "") -> str:
+        name = hashlib.sha256(json.dumps(list(key) + [suffix]).encode()).hexdigest()[:32]
+        return os.path.join(self.folder, kind, name + ".json")
+
+    def collect(self, run: PlannedRun) -> None:
+        path = self._path("jobs", run.key, run.kind)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json(path, {"key": list(run.key), "notebook": run.notebook,
+                           "answers": run.answers, "kind": run.kind, "code": run.code,
+                           "digest": run.digest})
+
+    def pending(self) -> list[PlannedRun]:
+        """Collected runs without a result, in a stable order."""
+        folder = os.path.join(self.folder, "jobs")
+        out = []
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    data = json.load(f)
+                run = PlannedRun(tuple(data["key"]), data["notebook"], data["answers"],
+                                 data["kind"], data["code"], data["digest"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not os.path.exists(self._path("results", run.key, run.kind)):
+                out.append(run)
+        return sorted(out, key=lambda r: (r.kind != "notebook", r.key))
+
+    def store(self, run: PlannedRun, result: RunResult) -> None:
+        path = self._path("results", run.key, run.kind)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json(path, {"digest": run.digest, "result": result.to_dict()})
+
+    def result(self, key: tuple, notebook: dict, kind: str = "notebook") -> RunResult | None:
+        """The result of running exactly ``notebook``, if there is one."""
+        try:
+            with open(self._path("results", key, kind)) as f:
+                data = json.load(f)
+            if data.get("digest") != notebook_digest(notebook):
+                return None
+            return RunResult.from_dict(data["result"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def run_plan(plan: ExecutionPlan, sandbox: Any, jobs: int, codes: dict[str, Any] | None = None,
+             done: Any = None) -> None:
+    """Run every pending notebook of ``plan`` on a pool of ``jobs`` threads (each run is a
+    process tree of its own), storing each result as soon as it is known.  ``codes``:
+    the copies of the course code by name (default: the sandbox's own); ``done(run,
+    result)`` is called after each run.  One run's failure never stops the others."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    runs = plan.pending()
+    codes = codes or {}
+
+    def one(run: PlannedRun) -> tuple[PlannedRun, RunResult]:
+        try:
+            result = sandbox.run(run.notebook, answers_dest=run.answers,
+                                 code=codes.get(run.code))
+        except Exception as e:  # noqa: BLE001 - Sandbox.run does not raise; belt and braces
+            result = RunResult(status="error", reason=f"{type(e).__name__}: {e}")
+        plan.store(run, result)
+        return run, result
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(one, run) for run in runs]
+        for future in as_completed(futures):
+            run, result = future.result()
+            if done is not None:
+                done(run, result)
+
+
 class SandboxedExecute(Execute):
-    """Execute the notebook in the sandbox (bubblewrap when available) with limits."""
+    """Execute the notebook in the sandbox (bubblewrap when available) with limits.
 
-    plan: ExecutionPlan | None = None  # set by the grader for parallel runs
+    With ``plan`` set (``python -m autograder grade`` sets it), notebooks are collected
+    into that execution plan and given the results the grader stored there (see
+    :class:`ExecutionPlan`).  Without it (a plain ``nbgrader autograde``), each notebook
+    goes through the same plan, in a temporary folder, on a pool of one."""
 
+    plan = Unicode("", help="folder of the execution plan of the grading run (empty: run "
+                            "each notebook when nbgrader asks)").tag(config=True)
     sandbox = Unicode("auto", help="auto (bubblewrap if it works, else none with a "
                                    "warning), bwrap, or none").tag(config=True)
-    notebook_timeout = Float(900.0, help="wall-clock seconds per notebook").tag(config=True)
-    interrupt_grace = Float(5.0, help="seconds a kernel gets to stop after an interrupt"
-                            ).tag(config=True)
-    memory_mb = Integer(4096, help="memory of the notebook's process tree (MiB)").tag(config=True)
-    max_procs = Integer(256, help="processes and threads of the notebook").tag(config=True)
-    cpu_seconds = Integer(0, help="CPU seconds per process (0: twice the notebook timeout)"
-                          ).tag(config=True)
-    file_size_mb = Integer(512, help="largest file a notebook may write (MiB)").tag(config=True)
-    max_cell_output = Integer(100_000, help="characters of output kept per cell"
-                              ).tag(config=True)
+    limits = Dict(help="resource limits by name (autograder/limits.py: cell_timeout, "
+                       "notebook_timeout, memory_mb, ...); the default for each one not "
+                       "given").tag(config=True)
     sandbox_uid = Integer(DEFAULT_SANDBOX_UID, help="unused uid the notebooks run as when "
                                                    "grading as root").tag(config=True)
     checks_path = List(Unicode(), help="extra directories with assignment check modules"
                        ).tag(config=True)
 
-    _warned = False
-
-    def limits(self) -> Limits:
-        return Limits(cell_timeout=float(self.timeout or 0) or 1e9,
-                      interrupt_grace=self.interrupt_grace,
-                      notebook_timeout=self.notebook_timeout, memory_mb=self.memory_mb,
-                      max_procs=self.max_procs, cpu_seconds=self.cpu_seconds,
-                      file_size_mb=self.file_size_mb, max_cell_output=self.max_cell_output)
-
     def preprocess(self, nb: Any, resources: dict) -> tuple[Any, dict]:
         info = resources["nbgrader"]
         student, assignment, notebook = info["student"], info["assignment"], info["notebook"]
         root = os.getcwd()  # nbgrader's converters run from the course directory
-
-        def warn(message: str) -> None:
-            if not SandboxedExecute._warned:
-                self.log.warning(message)
-                SandboxedExecute._warned = True
-
         key = (student, assignment, notebook)
         data = json.loads(json.dumps(nb))
-        plan = SandboxedExecute.plan
-        if plan is not None and plan.mode == "collect":
-            plan.jobs[key] = (notebook_digest(data), data)
-            apply_results(nb, RunResult(status="error", reason="not run yet", running=None),
-                          self.limits())
-            return nb, resources
         answers = report_path(root, "answers", student, assignment, notebook, ".jsonl")
-        done = plan.results.get(key) if plan is not None else None
-        if done is not None and done[0] == notebook_digest(data):
-            _, result, mode = done
-            limits = self.limits()
+        run = PlannedRun(key, data, answers)
+        if self.plan:
+            plan = ExecutionPlan(self.plan)
+            result = plan.result(key, data)
+            if result is None:  # the first pass: set it aside for the grader's pool
+                plan.collect(run)
+                apply_results(nb, RunResult(status="error", reason="not run yet"))
+                return nb, resources
         else:
-            box = Sandbox.create(self.sandbox, self.limits(),
-                                 CourseView.default(self.checks_path), self.sandbox_uid,
-                                 warn=warn)
-            result = box.run(data, answers_dest=answers)
-            mode, limits = box.mode, box.limits
-        apply_results(nb, result, limits)
+            result = self._run_here(run)
+        apply_results(nb, result)
         report = {
             "status": result.status, "reason": result.reason,
             "running": result.running, "interrupted": result.interrupted,
             "elapsed": round(result.elapsed, 2), "peak_memory_mb": round(result.peak_memory_mb),
             "peak_tasks": result.peak_tasks, "survivors": result.survivors,
-            "sandbox": mode, "answers": answers, "marker": result.marker, "uid": result.uid,
+            "sandbox": result.mode, "answers": answers, "marker": result.marker,
+            "uid": result.uid, "leftovers": result.leftovers[:20],
+            "answers_truncated": result.answers_truncated,
             "cells": [{"index": i, "grade_id": c.metadata.get("nbgrader", {}).get("grade_id")}
                       for i, c in enumerate(nb.cells)],
             "log": result.log[-2000:],
@@ -132,6 +213,23 @@ class SandboxedExecute(Execute):
             self.log.error("%d process(es) of %s/%s survived the sandbox", result.survivors,
                            student, assignment)
         return nb, resources
+
+    def _run_here(self, run: PlannedRun) -> RunResult:
+        """A plain nbgrader command: the same plan, run at once on a pool of one."""
+        import tempfile
+
+        from .coursecode import CourseCode
+        from .sandbox import Sandbox
+
+        with tempfile.TemporaryDirectory(prefix="paralab-plan-") as folder:
+            plan = ExecutionPlan(folder)
+            plan.collect(run)
+            code = CourseCode.build(os.path.join(folder, "course"), self.checks_path)
+            box = Sandbox.create(self.sandbox, Limits.from_dict(dict(self.limits)), code,
+                                 self.sandbox_uid, warn=self.log.warning)
+            run_plan(plan, box, 1)
+            return plan.result(run.key, run.notebook) or \
+                RunResult(status="error", reason="the notebook did not run")
 
 
 class ShieldMarkers(NbGraderPreprocessor):
