@@ -191,6 +191,14 @@ class _Run:
     cells: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
     modules: dict[str, Any] = field(default_factory=dict)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    _mark: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str) -> None:
+        """The time since the last phase ended was spent in ``name``."""
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._mark
+        self._mark = now
 
 
 def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
@@ -211,7 +219,8 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
         sweep_strays()
         _save_status(workdir.root, entries)
         export_grades(out)
-        _log_run(workdir.root, entries, time.monotonic() - started, run.box.mode)
+        run.phase("csv")
+        _log_run(workdir.root, entries, time.monotonic() - started, run.box.mode, run.phases)
         return entries
 
 
@@ -247,6 +256,7 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
                              f"follows the sources")
         run.cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
     _probe_libraries(run, scratch)
+    run.phase("setup")
     # match notebooks again, now that the releases are known (renamed notebooks)
     found, _ = subs.discover(root, expected, releases)
     entries = [Entry(f.sid or f.student, f.assignment, name=f.student) for f in found]
@@ -259,6 +269,7 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
         elif _guarded(entry, workdir, _prepare, item, entry, workdir,
                       releases[item.assignment]):
             todo.append(entry)
+    run.phase("read")
     _execute(run, todo)
     graded = [e for e in entries if e.graded]
     by_assignment: dict[str, list[Entry]] = {}
@@ -267,6 +278,7 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
     for a, group in sorted(by_assignment.items()):
         verdicts = _verify(course, a, group, workdir.root, options)
         _apply_verdicts(group, verdicts, workdir, run.cells[a])
+    run.phase("verify")
     bar = _bar(len(graded), "feedback", options.progress)
     try:
         for e in graded:
@@ -281,6 +293,7 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
                 _feedback_folder(e, run.out)
             except Exception as err:  # noqa: BLE001 - a page for one, never the run
                 e.notes.append(f"no feedback: {type(err).__name__}: {err}")
+    run.phase("feedback")
     return entries
 
 
@@ -305,6 +318,7 @@ def _execute(run: _Run, todo: list[Entry]) -> None:
     collected = [e for e in todo
                  if _guarded(e, workdir, _autograde, e, workdir, run.cfg, False)]
     _collect_probes(run, collected)
+    run.phase("collect")
     jobs = options.jobs or default_jobs(options.limits)
     pending = run.plan.pending()
     bar = _bar(len(pending), "grading", options.progress)
@@ -322,10 +336,12 @@ def _execute(run: _Run, todo: list[Entry]) -> None:
         run_plan(run.plan, run.box, jobs, run.codes, done)
     finally:
         bar.close()
+    run.phase("notebooks")
     for e in collected:
         if _guarded(e, workdir, _autograde, e, workdir, run.cfg, True):
             e.elapsed = elapsed.get((e.student, e.assignment), 0.0)
             _guarded(e, workdir, _gather_probe_answers, run, e)
+    run.phase("replay")
 
 
 def _overrides(course: Course, options: GradeOptions, plan: str) -> dict[str, Any]:
@@ -854,11 +870,15 @@ def _num(x: float) -> str:
     return f"{float(x):g}"
 
 
-def _log_run(root: str, entries: list[Entry], seconds: float, mode: str) -> None:
+def _log_run(root: str, entries: list[Entry], seconds: float, mode: str,
+             phases: dict[str, float] | None = None) -> None:
     path = os.path.join(root, REPORT_DIR, "runs.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} sandbox={mode} submissions="
-                f"{len(entries)} seconds={seconds:.1f}\n")
+                f"{len(entries)} seconds={seconds:.1f}")
+        if phases:
+            f.write(" phases=" + ",".join(f"{k}:{v:.1f}" for k, v in phases.items()))
+        f.write("\n")
         for e in entries:
             f.write(f"  {e.key}: {e.full_status()} ({e.elapsed:.1f} s)\n")
