@@ -6,18 +6,24 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv book grade-sample clean
+.PHONY: test test-fast venv instructor book grade-sample clean
 
 venv: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall whenever the dependency list changes.
+# Reinstall whenever the dependency list changes.  JupyterLab is set up for students:
+# lectures (.md) open as notebooks, and of nbgrader only the Validate button is on.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m autograder.lab student
 	touch $@
+
+# The instructors' JupyterLab: nbgrader's menu, formgrader and "Create Assignment" too.
+instructor: $(STAMP)
+	$(PY) -m autograder.lab instructor
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

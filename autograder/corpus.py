@@ -490,7 +490,7 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
              "the notebook saved under another name", filename=f"{notebook} (1).ipynb"),
         case("monkeypatch", inject_cell(wrong_nb, MONKEYPATCH.format(assignment=assignment),
                                         start),
-             r"^graded; \d+ test cells? re-checked outside the notebook: kernel result not "
+             r"^graded; \d+ checks? re-checked outside the notebook: kernel result not "
              r"trusted$", lay.without(*sabotaged), "every answer wrong, every check helper "
                                                   "replaced"),
         case("read_secrets", inject_cell(good, read_probe(list(read_paths), list(search_paths),
@@ -531,7 +531,7 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     if forged is not None:
         test, key = forged
         cases.append(case("forged_record", inject_cell(good, forged_record(key), test),
-                          r"^graded; 1 test cell re-checked outside the notebook: kernel "
+                          r"^graded; 1 check re-checked outside the notebook: kernel "
                           r"result not trusted$", lay.total - lay.tests[test],
                           "records an answer the codec cannot read as a float"))
     if max_notebook_bytes:

@@ -43,6 +43,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import pages
 from . import probes as probing
 from . import submissions as subs
 from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_cells,
@@ -190,7 +191,6 @@ class _Run:
     codes: dict[str, CourseCode] = field(default_factory=dict)
     cells: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
     modules: dict[str, Any] = field(default_factory=dict)
-    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     _mark: float = field(default_factory=time.monotonic)
 
@@ -239,9 +239,8 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
         try:
             validate_assignment(course, a)
             run.modules[a] = course.check_module(a)
-            run.probes[a] = probing.probes_of(run.modules[a])
             workdir.generate(a, run.cfg)
-        except (CourseError, NbgraderFailure, probing.ProbeError) as e:
+        except (CourseError, NbgraderFailure) as e:
             raise GradingError(f"course error: {e}") from None
         import nbformat
         releases[a] = {n: nbformat.read(workdir.release_path(a, n), as_version=4)
@@ -280,9 +279,14 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
         _apply_verdicts(group, verdicts, workdir, run.cells[a])
     run.phase("verify")
     bar = _bar(len(graded), "feedback", options.progress)
+    has_mathjax = pages.install_mathjax(os.path.join(run.out, "feedback",
+                                                     pages.MATHJAX_DIR))
+    titles = {(a, n): pages.question_titles(run.cells[a][n], run.modules[a].GRADE_CELLS)
+              for a in run.cells for n in run.cells[a]}
     try:
         for e in graded:
-            _guarded(e, workdir, _feedback_for, e, workdir, run.cfg, run.out)
+            _guarded(e, workdir, _feedback_for, e, workdir, run.cfg, run.out, titles,
+                     has_mathjax)
             bar.update(1)
     finally:
         bar.close()
@@ -340,7 +344,6 @@ def _execute(run: _Run, todo: list[Entry]) -> None:
     for e in collected:
         if _guarded(e, workdir, _autograde, e, workdir, run.cfg, True):
             e.elapsed = elapsed.get((e.student, e.assignment), 0.0)
-            _guarded(e, workdir, _gather_probe_answers, run, e)
     run.phase("replay")
 
 
@@ -388,66 +391,50 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------
-# Probes (autograder/probes.py)
+# Originality probes (autograder/probes.py): runs of their own, on the same pool
 
 
 def _probe_libraries(run: _Run, scratch: str) -> None:
-    """One copy of the course code per set of unavailable functions, made once."""
-    wanted = probing.unavailable_sets(p for ps in run.probes.values() for p in ps.values())
-    for unavailable in wanted:
-        name = probing.variant_name(unavailable)
-        transform = probing.library_without(unavailable)
+    """For each assignment with PROBES, a copy of the course code whose library lacks the
+    reference implementations the probes make unavailable (made once per grading run)."""
+    from .coursecode import paralab_dir
+    for a, module in sorted(run.modules.items()):
+        names = probing.unavailable_names(module)
+        if not getattr(module, "PROBES", None):
+            continue
         try:
-            run.codes[name] = CourseCode.build(os.path.join(scratch, "code", name),
-                                               run.course.extra_checks_dirs(), transform)
-            transform.check()
-        except probing.ProbeError as e:
-            raise GradingError(f"course error: {e}") from None
+            stripped = probing.strip_library(paralab_dir(), names,
+                                             os.path.join(scratch, "stripped", a))
+        except probing.ProbeError as err:
+            raise GradingError(f"course error: PROBES of autograder/checks/{a}.py: "
+                               f"{err}") from None
+        run.codes[_probe_code(a)] = CourseCode.build(
+            os.path.join(scratch, "code", _probe_code(a)), run.course.extra_checks_dirs(),
+            library=stripped)
+
+
+def _probe_code(assignment: str) -> str:
+    return f"probe:{assignment}"
 
 
 def _collect_probes(run: _Run, entries: list[Entry]) -> None:
-    """Add the probe runs of every collected submission to the plan."""
-    if not any(run.probes.values()):
-        return
-    collected = {(r.key, r.kind): r for r in run.plan.pending()}
+    """Add each collected submission's probe notebook to the plan: the cells its
+    assignment's PROBES need, as nbgrader is about to run them, and the recording cell.
+    Its answers go to ``<notebook>.probe.jsonl`` next to the notebook's answers."""
+    collected = {r.key: r for r in run.plan.pending() if r.kind == "notebook"}
     for e in entries:
-        for key, probe in sorted(run.probes.get(e.assignment, {}).items()):
-            for name in e.notebooks:
-                main = collected.get(((e.student, e.assignment, name), "notebook"))
-                if main is None:
-                    continue
-                nb = probing.probe_notebook(main.notebook, probe, e.assignment, key)
-                if nb is None:
-                    continue
-                answers = probing.answers_path(main.answers)
-                run.plan.collect(PlannedRun(
-                    main.key, nb, f"{answers}.{_safe(key)}.part", kind=f"probe:{key}",
-                    code=probing.variant_name(tuple(sorted(set(probe.unavailable))))))
-
-
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
-
-
-def _gather_probe_answers(run: _Run, e: Entry) -> None:
-    """Each notebook's probe answers, in one ``.probe.jsonl`` next to its answers."""
-    for name in e.notebooks:
-        main = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
-                           ".jsonl")
-        target = probing.answers_path(main)
-        parts = [f"{target}.{_safe(key)}.part"
-                 for key in sorted(run.probes.get(e.assignment, {}))]
-        if not any(os.path.exists(p) for p in parts):
+        module = run.modules.get(e.assignment)
+        if not getattr(module, "PROBES", None):
             continue
-        with open(target, "wb") as out:
-            for part in parts:
-                try:
-                    with open(part, "rb") as f:
-                        data = f.read()
-                except OSError:
-                    continue
-                out.write(data if not data or data.endswith(b"\n") else data + b"\n")
-                os.remove(part)
+        for name in e.notebooks:
+            main = collected.get((e.student, e.assignment, name))
+            if main is None:
+                continue
+            nb = probing.probe_notebook(main.notebook, e.assignment, module.PROBES)
+            answers = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
+                                  ".probe.jsonl")
+            run.plan.collect(PlannedRun(main.key, nb, answers, kind="probe",
+                                        code=_probe_code(e.assignment)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,8 +530,9 @@ def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> 
     return True
 
 
-def _feedback_for(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
-    _feedback(e, workdir, cfg, out)
+def _feedback_for(e: Entry, workdir: Workdir, cfg: Any, out: str,
+                  titles: dict[tuple[str, str], dict[str, str]], has_mathjax: bool) -> None:
+    _feedback(e, workdir, cfg, out, titles, has_mathjax)
     _feedback_folder(e, out)
 
 
@@ -683,9 +671,9 @@ def _run_verify(course: Course, assignment: str, paths: list[str], count: int
 
 def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                     cells: dict[str, list[dict]]) -> None:
-    """Set each autograded test cell's score from its clean verdict."""
+    """Set each autograded test cell's score from its clean verdict: the cell's points
+    times the weight of its checks that passed (see :mod:`autograder.verify`)."""
     from nbgrader.api import Gradebook
-    import nbformat
 
     root = workdir.root
     with quiet_logs(), Gradebook(workdir.config().CourseDirectory.db_url) as gb:
@@ -694,25 +682,26 @@ def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                 tests = {c["grade_id"]: c for c in autograded_cells(cells[name])}
                 clean = verdicts.get((e.student, name))
                 if clean is None:
-                    clean = {gid: {"passed": False, "message": "the answers could not be "
-                                   "re-checked outside the notebook"} for gid in tests}
+                    clean = {gid: {"score": 0.0, "passed": False, "checks": [],
+                                   "message": "the answers could not be re-checked outside "
+                                              "the notebook"} for gid in tests}
                     e.notes.append("re-check failed: test cells scored 0")
-                kernel = _kernel_results(os.path.join(root, "autograded", e.student,
-                                                      e.assignment, name + ".ipynb"))
+                kernel = kernel_results(os.path.join(root, "autograded", e.student,
+                                                     e.assignment, name + ".ipynb"))
                 out = {}
                 for gid, cell in tests.items():
-                    verdict = clean.get(gid) or {"passed": False,
+                    verdict = clean.get(gid) or {"score": 0.0, "passed": False, "checks": [],
                                                  "message": "no verdict for this test"}
-                    passed = bool(verdict.get("passed"))
-                    overturned = gid in kernel and kernel[gid] != passed
-                    e.overturned += overturned
-                    out[gid] = {"passed": passed, "message": str(verdict.get("message", "")),
-                                "kernel_passed": kernel.get(gid), "overturned": overturned}
+                    said = kernel.get(gid, {})
+                    overturned = [c["key"] for c in verdict.get("checks", [])
+                                  if c["key"] in said and said[c["key"]] != c["passed"]]
+                    e.overturned += len(overturned)
+                    out[gid] = dict(verdict, kernel=said, overturned=overturned)
                     try:
                         grade = gb.find_grade(gid, name, e.assignment, e.student)
                     except Exception:  # noqa: BLE001 - a cell nbgrader did not record
                         continue
-                    grade.auto_score = cell["points"] if passed else 0.0
+                    grade.auto_score = cell_score(cell["points"], verdict)
                     grade.needs_manual_grade = grade.manual_score is not None
                 path = report_path(root, "verdicts", e.student, e.assignment, name, ".json")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -720,25 +709,48 @@ def _apply_verdicts(group: list[Entry], verdicts: dict, workdir: Workdir,
                     json.dump(out, f, indent=1)
             if e.overturned:
                 s = "s" if e.overturned > 1 else ""
-                e.notes.append(f"{e.overturned} test cell{s} re-checked outside the notebook: "
+                e.notes.append(f"{e.overturned} check{s} re-checked outside the notebook: "
                                f"kernel result not trusted")
         gb.db.commit()
-    del nbformat
 
 
-def _kernel_results(path: str) -> dict[str, bool]:
-    """grade_id -> whether the test cell ran without an error in the student's kernel."""
+def cell_score(points: float, verdict: dict) -> float:
+    """Points a test cell earns: its points times the fraction its passing checks weigh,
+    rounded to 1/1000 of a point (so that 2/3 of 3 points is exactly 2)."""
+    try:
+        fraction = min(1.0, max(0.0, float(verdict.get("score", 0.0))))
+    except (TypeError, ValueError):
+        fraction = 0.0
+    return round(float(points) * fraction, 3)
+
+
+def kernel_results(path: str) -> dict[str, dict[str, bool]]:
+    """grade_id -> {answer key: passed} as the student's kernel reported it: the
+    ``✓ key: ...`` / ``✗ key: ...`` lines a test cell printed."""
+    from .checks import FAIL, PASS
+
     try:
         with open(path) as f:
             nb = json.load(f)
     except (OSError, ValueError):
         return {}
-    out = {}
+    out: dict[str, dict[str, bool]] = {}
     for cell in nb.get("cells", []):
         meta = cell.get("metadata", {}).get("nbgrader", {})
-        if meta.get("grade") and not meta.get("solution") and cell.get("cell_type") == "code":
-            out[meta.get("grade_id")] = not any(o.get("output_type") == "error"
-                                                for o in cell.get("outputs", []))
+        if not (meta.get("grade") and not meta.get("solution")
+                and cell.get("cell_type") == "code"):
+            continue
+        said: dict[str, bool] = {}
+        for o in cell.get("outputs", []):
+            if o.get("output_type") != "stream":
+                continue
+            text = o.get("text", "")
+            for line in ("".join(text) if isinstance(text, list) else str(text)).splitlines():
+                mark, _, rest = line.partition(" ")
+                key = rest.split(":", 1)[0]
+                if mark in (PASS, FAIL) and key:
+                    said[key] = mark == PASS
+        out[str(meta.get("grade_id"))] = said
     return out
 
 
@@ -746,7 +758,8 @@ def _kernel_results(path: str) -> dict[str, bool]:
 # Feedback, status, CSV
 
 
-def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
+def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str,
+              titles: dict[tuple[str, str], dict[str, str]], has_mathjax: bool) -> None:
     from nbgrader.converters import GenerateFeedback
 
     dest = os.path.join(out, "feedback", e.student, e.assignment)
@@ -758,27 +771,16 @@ def _feedback(e: Entry, workdir: Workdir, cfg: Any, out: str) -> None:
         return
     src = os.path.join(workdir.root, "feedback", e.student, e.assignment)
     os.makedirs(dest, exist_ok=True)
+    local = pages.relative_mathjax(dest, os.path.join(out, "feedback")) if has_mathjax \
+        else None
     if os.path.isdir(src):
         for f in os.listdir(src):
             if f.endswith(".html"):
                 html_path = os.path.join(dest, f)
                 shutil.copyfile(os.path.join(src, f), html_path)
-                _add_status_banner(html_path, e.full_status())
-
-
-def _add_status_banner(path: str, status: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    banner = (f'<div style="padding:0.6em 1em;margin:0.5em 0;border:1px solid #aaa;'
-              f'background:#f6f6f6;font-family:sans-serif">Grading status: '
-              f'{html.escape(status)}</div>')
-    marker = "<body"
-    at = text.find(marker)
-    if at >= 0:
-        close = text.find(">", at)
-        text = text[:close + 1] + banner + text[close + 1:]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+                pages.rewrite(html_path, status=e.full_status(),
+                              titles=titles.get((e.assignment, f[:-len(".html")]), {}),
+                              mathjax_src=local)
 
 
 def _status_feedback(e: Entry, out: str) -> None:

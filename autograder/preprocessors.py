@@ -272,8 +272,6 @@ class FeedbackCleanup(NbGraderPreprocessor):
         return super().preprocess(nb, resources)
 
     def preprocess_cell(self, cell: Any, resources: dict, index: int) -> tuple[Any, dict]:
-        from nbformat.v4 import new_output
-
         if cell.cell_type != "code":
             return cell, resources
         meta = cell.metadata.get("nbgrader", {})
@@ -281,37 +279,48 @@ class FeedbackCleanup(NbGraderPreprocessor):
         is_test = bool(meta.get("grade")) and not meta.get("solution")
         verdict = self.verdicts.get(grade_id) if grade_id else None
         if is_test and grade_id in self.hidden_ids:
-            outputs = []
+            # the hidden tests' own output could quote them: show the clean verdict only
             if verdict is not None:
-                if verdict["passed"]:
-                    outputs.append(new_output("stream", name="stdout",
-                                              text="\u2713 hidden tests passed\n"))
-                else:
-                    outputs.append(_error("AssertionError", verdict["message"]))
+                cell.outputs = _check_lines(verdict.get("checks", []))
             else:
                 errors = [o for o in cell.outputs if o.output_type == "error"]
-                if errors:
-                    outputs.append(_error(errors[-1].ename, "a hidden test failed"))
-            cell.outputs = outputs
+                cell.outputs = [_error(errors[-1].ename, "a hidden test failed")] if errors \
+                    else []
         elif is_test:
-            kept = []
-            for output in cell.outputs:
-                if output.output_type == "error":
-                    kept.append(_error(output.ename, output.evalue))
-                else:
-                    kept.append(output)
-            if verdict is not None and verdict.get("overturned"):
-                if verdict["passed"]:
-                    kept.append(new_output("stream", name="stdout",
-                                           text="Re-checked outside the notebook: passed.\n"))
-                else:
-                    kept.append(_error("AssertionError", "re-checked outside the notebook: "
-                                       + verdict["message"]))
+            kept = [_error(o.ename, o.evalue) if o.output_type == "error" else o
+                    for o in cell.outputs]
+            if verdict is not None:
+                # every check gets its line: the ones the kernel did not report (the cell
+                # stopped early) and the ones the clean re-check decided otherwise
+                said = verdict.get("kernel", {})
+                missing = [c for c in verdict.get("checks", []) if c["key"] not in said]
+                overturned = [c for c in verdict.get("checks", [])
+                              if c["key"] in verdict.get("overturned", [])]
+                if missing:
+                    kept += _check_lines(missing)
+                if overturned:
+                    kept += _check_lines(overturned, "re-checked outside the notebook: ")
             cell.outputs = kept
         if self.hidden_lines:
             for output in cell.outputs:
                 _redact(output, self.hidden_lines)
         return cell, resources
+
+
+def _check_lines(checks: list[dict], prefix: str = "") -> list[Any]:
+    """One output line per check, as the test cell prints them: passes on stdout,
+    failures on stderr."""
+    from nbformat.v4 import new_output
+
+    from .checks import FAIL, PASS
+
+    out = []
+    for c in checks:
+        ok = bool(c.get("passed"))
+        out.append(new_output("stream", name="stdout" if ok else "stderr",
+                              text=f"{prefix}{PASS if ok else FAIL} {c.get('key')}: "
+                                   f"{c.get('message', '')}\n"))
+    return out
 
 
 def _hidden_lines(source: str, min_chars: int = 8) -> set[str]:

@@ -1,204 +1,154 @@
-"""Probes: a question asked of a submission in a run of its own, without the library's
-reference implementations.
+"""Originality probes: the student's code, run once more with the library's answers removed.
 
-Some answers are only worth their points if the student wrote them ("own implementation"
-of 1F1B, of the tensor-parallel f and g).  Asking that inside the student's kernel cannot
-work: the student's code runs there first and can switch off any watch (a profiler hook,
-the check helper itself).  So a check module may declare probes::
+The course library contains the reference answers of the coding exercises (the schedule
+generators, the tensor-parallel operators).  Whether a submission delegates to them cannot be
+decided inside the student's kernel: any check made there (a profiler hook, a patched
+function) can be switched off by the student's own cells.  So the verdict comes from a
+separate run that the student's kernel never touched:
 
-    PROBES = {"own_implementation": Probe(
-        cells=("setup", "q_one_f_one_b"),             # grade_ids, in this order
-        call="one_f_one_b(5, 7)",                     # evaluated after them
-        unavailable=("paralab.schedules:one_f_one_b",))}
+1. once per grading run, :func:`strip_library` copies ``paralab`` and replaces the body of
+   every function a check module's ``PROBES`` names as unavailable by
+   ``raise ReferenceUnavailable(...)`` (decorators, signatures and everything else stay);
+2. for each submission, :func:`probe_notebook` builds a small notebook from the submitted
+   cells the probe needs (e.g. the setup cell and the cell defining ``one_f_one_b``) and
+   one last cell, written here, that calls the function and records the outcome with
+   ``checks.check(key, lambda: <call>)``;
+3. the grader runs that notebook (one per submission, all probes of the assignment) in the sandbox against the stripped copy and keeps its
+   answers as ``<notebook>.probe.jsonl``, the only place :mod:`autograder.verify` reads the
+   probe's key from.
 
-and for every graded submission the grader runs, in the sandbox and with the same limits,
-a *probe notebook* (:func:`probe_notebook`): the submission's cells with those grade_ids
-(as nbgrader restored them), then one cell of the grader's::
-
-    from autograder.checks import <assignment> as checks
-    checks.check("<key>", lambda: <call>)
-
-In that run ``paralab`` is a copy (made once per grading run, :func:`library_without`) in
-which each ``unavailable`` function keeps its name, signature and decorators but its body
-only raises ``paralab.ReferenceUnavailable``; the rest of the library works as usual.  The
-probe's answers go to the main answers file's name with ``.probe.jsonl``
-(:func:`answers_path`), where the clean re-check takes the probes' keys from.  A probe that
-times out or crashes records nothing, and its key then fails.
+A submission that delegates gets ``ReferenceUnavailable`` as its answer; one that uses the
+rest of the library (``simulate``, ``validate``, the plots) is unaffected.  This stops
+delegation, not a determined copy of the library's source (see the README).
 """
 
 from __future__ import annotations
 
 import ast
-import copy
-import hashlib
+import json
 import os
+import shutil
 from typing import Any, Iterable
 
-PROBE_SUFFIX = ".probe.jsonl"
 EXCEPTION = "ReferenceUnavailable"
-EXCEPTION_SOURCE = (
-    f"\n\nclass {EXCEPTION}(Exception):\n"
-    f'    """Raised by a reference implementation of the library in a run where it is '
-    f'not available."""\n\n\n')
+_EXCEPTION_SOURCE = f'''
+
+class {EXCEPTION}(RuntimeError):
+    """A reference implementation of the library that this test makes unavailable: the
+    exercise asks for your own."""
+'''
 
 
 class ProbeError(Exception):
-    """A check module's PROBES is wrong (a course author's bug)."""
+    """A check module's PROBES names something the library does not have (course error)."""
 
 
-def probes_of(module: Any) -> dict[str, Any]:
-    """The module's PROBES, checked: {key: probe with cells, call, unavailable}."""
-    probes = getattr(module, "PROBES", None)
-    if probes is None:
-        return {}
-    name = getattr(module, "__name__", "the check module")
-    if not isinstance(probes, dict):
-        raise ProbeError(f"{name}: PROBES must be a dict {{answer key: Probe(...)}}")
-    for key, probe in probes.items():
-        cells, call = getattr(probe, "cells", None), getattr(probe, "call", None)
-        unavailable = getattr(probe, "unavailable", None)
-        if not isinstance(key, str) or not isinstance(call, str) or not call.strip() or \
-                not isinstance(cells, (tuple, list)) or \
-                not all(isinstance(c, str) for c in cells) or \
-                not isinstance(unavailable, (tuple, list)) or \
-                not all(isinstance(u, str) and ":" in u for u in unavailable):
-            raise ProbeError(f"{name}: PROBES[{key!r}] must be Probe(cells=(grade_id, ...), "
-                             f"call='python expression', unavailable=('module:qualname', "
-                             f"...))")
-        try:
-            ast.parse(call, mode="eval")
-        except SyntaxError as e:
-            raise ProbeError(f"{name}: PROBES[{key!r}].call is not a Python expression "
-                             f"({e.msg})") from None
-    return dict(probes)
+def unavailable_names(module: Any) -> list[str]:
+    """Every ``module:qualname`` the PROBES of a check module make unavailable, sorted."""
+    names = set()
+    for probe in (getattr(module, "PROBES", None) or {}).values():
+        names.update(probe.unavailable)
+    return sorted(names)
 
 
-def answers_path(main: str) -> str:
-    """``.../<notebook>.jsonl`` -> ``.../<notebook>.probe.jsonl``."""
-    return (main[:-len(".jsonl")] if main.endswith(".jsonl") else main) + PROBE_SUFFIX
+def _parse(name: str) -> tuple[str, list[str]]:
+    module, sep, qualname = name.partition(":")
+    if not sep or not module.startswith("paralab") or not qualname:
+        raise ProbeError(f"{name!r}: name a function as 'paralab.module:qualname'")
+    return module, qualname.split(".")
 
 
-def probe_notebook(nb: dict, probe: Any, assignment: str, key: str) -> dict | None:
-    """The probe notebook for ``nb`` (a notebook as a dict, as nbgrader executes it), or
-    None when it has none of the probe's cells."""
-    by_id = {}
-    for cell in nb.get("cells", []):
-        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-        if gid and gid not in by_id:
-            by_id[gid] = cell
-    cells = [copy.deepcopy(by_id[g]) for g in probe.cells if g in by_id]
-    if not cells:
-        return None
-    for cell in cells:
-        if cell.get("cell_type") == "code":
-            cell["outputs"], cell["execution_count"] = [], None
-    cells.append({
-        "cell_type": "code", "id": "probe", "metadata": {}, "outputs": [],
-        "execution_count": None,
-        "source": f"from autograder.checks import {assignment} as checks\n"
-                  f"checks.check({key!r}, lambda: {probe.call})\n"})
-    out = {k: copy.deepcopy(v) for k, v in nb.items() if k != "cells"}
-    out["cells"] = cells
-    return out
-
-
-def unavailable_sets(probes: Iterable[Any]) -> list[tuple[str, ...]]:
-    return sorted({tuple(sorted(set(p.unavailable))) for p in probes})
-
-
-def variant_name(unavailable: tuple[str, ...]) -> str:
-    """A stable name for the library copy without ``unavailable``."""
-    return "probe-" + hashlib.sha256("\n".join(unavailable).encode()).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------------------------------
-# The library without its references
-
-
-def library_without(unavailable: Iterable[str], package: str = "paralab"):
-    """A transform for :meth:`autograder.coursecode.CourseCode.build`: (path relative to
-    the library, source) -> source with the body of each ``unavailable`` function
-    (``module:qualname``, e.g. ``paralab.tp:ColumnParallelLinear.forward``) replaced by a
-    ``raise``.  Raises :class:`ProbeError` (when the copy is made) for a name that is not a
-    function of the library."""
-    wanted: dict[str, set[str]] = {}
-    for item in unavailable:
-        module, _, qualname = item.partition(":")
-        if not module.split(".")[0] == package or not qualname:
-            raise ProbeError(f"{item!r} is not 'module:qualname' of the {package} library")
-        wanted.setdefault(module, set()).add(qualname)
-    found: set[str] = set()
-
-    def transform(rel: str, source: str) -> str:
-        parts = rel[:-3].split(os.sep) if rel.endswith(".py") else []
-        if parts and parts[-1] == "__init__":
-            parts = parts[:-1]
-        module = ".".join([package] + parts)
-        if rel == "__init__.py":
-            source = _add_exception(source)
-        names = wanted.get(module)
-        if not names:
-            return source
-        new, done = _replace_bodies(source, module, names, package)
-        found.update(f"{module}:{q}" for q in done)
-        return new
-
-    def check() -> None:
-        missing = sorted({f"{m}:{q}" for m, qs in wanted.items() for q in qs} - found)
-        if missing:
-            raise ProbeError(f"PROBES name {', '.join(missing)}, which "
-                             f"{'is not a function' if len(missing) == 1 else 'are not functions'}"
-                             f" of the {package} library")
-
-    transform.check = check  # type: ignore[attr-defined]
-    return transform
-
-
-def _add_exception(source: str) -> str:
-    """The exception class, defined in the package's ``__init__`` before anything else
-    it runs (after the docstring and ``from __future__`` imports)."""
-    tree = ast.parse(source)
-    at = 0
-    for node in tree.body:
-        is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and \
-            isinstance(node.value.value, str)
-        is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
-        if (is_doc and at == 0) or is_future:
-            at = node.end_lineno
-            continue
-        break
-    lines = source.splitlines(keepends=True)
-    return "".join(lines[:at]) + EXCEPTION_SOURCE + "".join(lines[at:])
-
-
-def _replace_bodies(source: str, module: str, qualnames: set[str], package: str
-                    ) -> tuple[str, set[str]]:
-    """``source`` with the bodies of the functions ``qualnames`` replaced (text edits on
-    the original lines: everything else stays byte for byte, decorators included)."""
-    tree = ast.parse(source)
-    targets: list[tuple[ast.AST, str]] = []
-
-    def visit(body: list[ast.stmt], prefix: str) -> None:
+def _find(tree: ast.Module, path: list[str]) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    body: list[ast.stmt] = tree.body
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        match = None
         for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                qual = prefix + node.name
-                if qual in qualnames:
-                    targets.append((node, qual))
-            elif isinstance(node, ast.ClassDef):
-                visit(node.body, prefix + node.name + ".")
+            if last and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and node.name == part:
+                match = node
+            elif not last and isinstance(node, ast.ClassDef) and node.name == part:
+                match = node
+        if match is None:
+            return None
+        if last:
+            return match  # type: ignore[return-value]
+        body = match.body  # type: ignore[union-attr]
+    return None
 
-    visit(tree.body, "")
-    lines = source.splitlines(keepends=True)
-    # from the bottom up, so that earlier line numbers stay valid
-    for node, qual in sorted(targets, key=lambda t: -t[0].lineno):
-        first, last = node.body[0], node.body[-1]
-        i, end = first.lineno - 1, last.end_lineno
-        before = lines[i].encode()[:first.col_offset].decode("utf-8", "replace")
-        message = f"{module}:{qual} is not available in this test"
-        body = " " * (node.col_offset + 4) + \
-            f"raise __import__({package!r}).{EXCEPTION}({message!r})\n"
-        if before.strip():  # a one-line function: ``def f(x): return x``
-            lines[i:end] = [before.rstrip() + "\n", body]
-        else:
-            lines[i:end] = [body]
-    return "".join(lines), {q for _, q in targets}
+
+def _raise(name: str) -> ast.stmt:
+    text = f"{name} is not available in this test: write it yourself"
+    return ast.parse(f"raise __import__('paralab').{EXCEPTION}({text!r})").body[0]
+
+
+def strip_library(paralab_dir: str, names: Iterable[str], dest: str) -> str:
+    """Copy the package at ``paralab_dir`` to ``dest/paralab`` with the functions ``names``
+    (``"paralab.schedules:one_f_one_b"``, ``"paralab.tp:Class.method"``) made to raise
+    ``paralab.ReferenceUnavailable``; returns the copy's path.  Raises :class:`ProbeError`
+    when a name does not exist."""
+    target = os.path.join(dest, "paralab")
+    shutil.copytree(paralab_dir, target,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    by_file: dict[str, list[tuple[str, list[str]]]] = {}
+    for name in names:
+        module, path = _parse(name)
+        rel = module.split(".")[1:]
+        candidates = [os.path.join(target, *rel) + ".py",
+                      os.path.join(target, *rel, "__init__.py")]
+        file = next((c for c in candidates if os.path.isfile(c)), None)
+        if file is None:
+            raise ProbeError(f"{name!r}: the library has no module {module}")
+        by_file.setdefault(file, []).append((name, path))
+    for file, targets in by_file.items():
+        with open(file, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=file)
+        for name, path in targets:
+            node = _find(tree, path)
+            if node is None:
+                raise ProbeError(f"{name!r}: {'.'.join(path)} is not defined in "
+                                 f"{os.path.relpath(file, dest)}")
+            node.body = [_raise(name)]
+        with open(file, "w", encoding="utf-8") as f:
+            f.write(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+    with open(os.path.join(target, "__init__.py"), "a", encoding="utf-8") as f:
+        f.write(_EXCEPTION_SOURCE)
+    return target
+
+
+def probe_notebook(submitted: dict, assignment: str, probes: dict[str, Any]) -> dict:
+    """The notebook that runs all ``probes`` (key -> Probe) of one submission: the submitted
+    cells they need, in order of first use (a cell the submission lacks is left out: the
+    call then fails on its own), then one recording cell."""
+    by_id: dict[str, dict] = {}
+    for cell in submitted.get("cells", []):
+        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        if gid and cell.get("cell_type") == "code":
+            by_id.setdefault(gid, cell)
+    wanted: list[str] = []
+    for probe in probes.values():
+        wanted += [gid for gid in probe.cells if gid not in wanted]
+    cells = []
+    for gid in wanted:
+        if gid in by_id:
+            source = by_id[gid].get("source", "")
+            cells.append(_code_cell("".join(source) if isinstance(source, list) else source))
+    calls = "".join(f"checks.check({key!r}, lambda: {probe.call})\n"
+                    for key, probe in probes.items())
+    cells.append(_code_cell(f"from autograder.checks import {assignment} as checks\n{calls}"))
+    return {"cells": cells, "metadata": submitted.get("metadata", {}), "nbformat": 4,
+            "nbformat_minor": 5}
+
+
+def _code_cell(source: str) -> dict:
+    return {"cell_type": "code", "source": source, "metadata": {}, "outputs": [],
+            "execution_count": None}
+
+
+def read_notebook(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            nb = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return nb if isinstance(nb, dict) else None

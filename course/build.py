@@ -34,7 +34,10 @@ def title_of(notebook) -> str:
 
 def build(sources: list[Path], out: Path, timeout: int = 300) -> Path:
     """Execute and render ``sources`` into ``out``; returns the index page."""
+    from autograder import pages  # MathJax served from the book itself, not a CDN
+
     out.mkdir(parents=True, exist_ok=True)
+    local = "_mathjax/tex-chtml.js" if pages.install_mathjax(str(out / "_mathjax")) else None
     exporter = HTMLExporter()
     entries = []
     for source in sources:
@@ -42,6 +45,7 @@ def build(sources: list[Path], out: Path, timeout: int = 300) -> Path:
         NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(source.parent)}}).execute()
         body, _ = exporter.from_notebook_node(notebook)
+        body = pages.localize_math(body, local)
         page = out / f"{source.stem}.html"
         page.write_text(body, encoding="utf-8")
         entries.append((page.name, title_of(notebook)))

@@ -1,6 +1,7 @@
 """Answer recording, safe decoding and the clean verdict (autograder.checks, .verify)."""
 
 import json
+import linecache
 import math
 import os
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 import sympy as sp
 import torch
 
-from autograder.checks import (DecodeError, Verdict, answer, close, decode, encode, equals,
-                               make_checker, read_records, same_expression, same_schedule,
-                               tensor_close)
+from autograder.checks import (DecodeError, Probe, Raised, Verdict, answer, close, decode,
+                               encode, equals, make_checker, read_records, run_check,
+                               same_expression, same_schedule, tensor_close)
 from autograder.checks.codec import dumps_record
 from autograder.checks.expr import ExpressionError, parse_expression
 from autograder.verify import module_problems, verify_records
@@ -113,16 +114,60 @@ def test_expression_parser_refuses_anything_else(text):
         parse_expression(text, ["p", "m"])
 
 
-def test_checker_records_checks_prints_and_raises(tmp_path, monkeypatch, capsys):
+def test_checker_records_checks_and_prints_one_line_per_check(tmp_path, monkeypatch, capsys):
     path = tmp_path / "answers.jsonl"
     monkeypatch.setenv("PARALAB_ANSWERS", str(path))
-    check = make_checker({"x": equals(3, hint="x counts the ranks")})
+    check = make_checker({"x": equals(3, hint="x counts the ranks"), "y": equals(5)})
     check("x", 3)
-    assert "\u2713 x: correct" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="x counts the ranks"):
-        check("x", 4)
+    assert capsys.readouterr().out == "\u2713 x: correct\n"
+    check("x", 4)  # a failure does not raise: the checks after it still run
+    check("y", 5)
+    out, err = capsys.readouterr()
+    assert err == "\u2717 x: x counts the ranks\n" and out == "\u2713 y: correct\n"
     records, problems = read_records(path.read_text().splitlines())
-    assert records == {"x": 4} and problems == []  # the last record of a key wins
+    assert records == {"x": 4, "y": 5} and problems == []  # the last record of a key wins
+
+
+def test_checker_reads_the_variable_named_by_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PARALAB_ANSWERS", str(tmp_path / "answers.jsonl"))
+    check = make_checker({"answer_xy": equals(7), "nowhere_defined": equals(1)})
+    namespace = {"check": check, "answer_xy": 7}
+    exec("check('answer_xy')\ncheck('nowhere_defined')", namespace)
+    out, err = capsys.readouterr()
+    assert out == "\u2713 answer_xy: correct\n"
+    assert err.startswith("\u2717 nowhere_defined: nowhere_defined is not defined: write")
+    records, _ = read_records((tmp_path / "answers.jsonl").read_text().splitlines())
+    assert decode(records["nowhere_defined"]) == Raised(Raised.NOT_DEFINED,
+                                                        decode(records["nowhere_defined"])
+                                                        .message)
+
+
+def test_checker_turns_an_exception_of_the_students_code_into_a_failed_answer(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PARALAB_ANSWERS", str(tmp_path / "answers.jsonl"))
+    check = make_checker({"s": equals([1, 2]), "t": equals(1)})
+    namespace = {"check": check}
+    cell = "def build(n):\n    return [1, 2][n + 5]\n"
+    linecache.cache["<cell 3>"] = (len(cell), None, cell.splitlines(True), "<cell 3>")  # as IPython
+    exec(compile(cell, "<cell 3>", "exec"), namespace)
+    exec("check('s', lambda: build(0))\ncheck('t', lambda: 1)", namespace)
+    out, err = capsys.readouterr()
+    assert err == ("\u2717 s: your code raised IndexError: list index out of range (in build, "
+                   "line 2: return [1, 2][n + 5])\n")
+    assert out == "\u2713 t: correct\n"
+    records, _ = read_records((tmp_path / "answers.jsonl").read_text().splitlines())
+    verdict = run_check({"s": equals([1, 2])}, "s", records["s"])
+    assert not verdict.passed and "IndexError" in verdict.message  # the clean process agrees
+
+
+def test_a_crafted_record_fails_its_check_only():
+    checks = {"a": tensor_close(torch.ones(1)), "b": equals(2)}
+    huge = {"tensor": [10 ** 400], "dtype": "float64", "shape": [1]}
+    assert run_check(checks, "a", huge) == (False, "the recorded array cannot be rebuilt "
+                                                   "(OverflowError)")
+    too_big_int = {"ndarray": [10 ** 30], "dtype": "int64", "shape": [1]}
+    assert not run_check(checks, "a", too_big_int).passed
+    assert run_check(checks, "b", 2).passed
 
 
 def test_checker_does_not_write_without_the_environment_variable(tmp_path, monkeypatch):
@@ -148,17 +193,31 @@ def test_ready_made_checks():
     assert "rank 0" in same_schedule(s)(one_f_one_b(2, 3)).message
 
 
-def test_verify_uses_last_record_and_requires_every_key():
+def test_verify_uses_last_record_and_reports_every_check():
     class Module:
         CHECKS = {"a": equals(1), "b": equals(2), "c": lambda v: 1 / 0}
-        GRADE_CELLS = {"t1": ["a"], "t2": ["a", "b"], "t3": ["c"]}
+        GRADE_CELLS = {"t1": ["a"], "t2": ["b", "a"], "t3": ["c"]}
     records, _ = read_records([dumps_record("a", 0), dumps_record("a", 1),
                                dumps_record("c", 5), "not json", '{"key": 1}'])
     out = verify_records(Module, records)
-    assert out["t1"]["passed"] is True
-    assert out["t2"] == {"passed": False, "message": out["t2"]["message"]}
-    assert "no answer was recorded" in out["t2"]["message"]
-    assert out["t3"]["passed"] is False and "could not be checked" in out["t3"]["message"]
+    assert out["t1"]["passed"] is True and out["t1"]["score"] == 1
+    assert out["t2"]["passed"] is False and out["t2"]["score"] == 0.5
+    assert [(c["key"], c["passed"]) for c in out["t2"]["checks"]] == [("b", False), ("a", True)]
+    assert "no answer was recorded" in out["t2"]["checks"][0]["message"]
+    assert out["t2"]["message"].splitlines()[1] == "\u2713 a: correct"
+    assert out["t3"]["score"] == 0 and "could not be checked" in out["t3"]["message"]
+
+
+def test_verify_splits_a_cell_by_its_weights_and_reads_probe_keys_from_the_probe_only():
+    class Module:
+        CHECKS = {"a": equals(1), "b": equals(2), "own": equals(3)}
+        GRADE_CELLS = {"t1": {"a": 3, "b": 1}, "t2": ["own"]}
+        PROBES = {"own": Probe(cells=("d",), call="f()", unavailable=())}
+    kernel = {"a": 1, "b": 0, "own": 3}  # the kernel's "own" must not count
+    out = verify_records(Module, kernel, {})
+    assert out["t1"]["score"] == 0.75 and out["t2"]["score"] == 0
+    assert "without the library did not finish" in out["t2"]["checks"][0]["message"]
+    assert verify_records(Module, kernel, {"own": 3})["t2"]["score"] == 1
 
 
 def test_module_problems_name_what_to_fix():
@@ -169,6 +228,14 @@ def test_module_problems_name_what_to_fix():
     assert "'zz', which is not in CHECKS" in problems
     assert "CHECKS['b'] is not callable" in problems
     assert "GRADE_CELLS['t2'] must be a non-empty list" in problems
+
+    class Overlapping:
+        CHECKS = {"a": equals(1)}
+        GRADE_CELLS = {"t1": ["a"], "t2": {"a": 0}}
+        PROBES = {"zz": Probe(cells=(), call="1", unavailable=())}
+    problems = " ".join(module_problems(Overlapping))
+    assert "weights must be positive" in problems and "listed by both" in problems
+    assert "PROBES lists 'zz', which no GRADE_CELLS entry lists" in problems
 
 
 def test_verify_command_in_a_fresh_process(tmp_path):

@@ -1,5 +1,5 @@
 """The execution path of the grader: limits end to end, the plan between nbgrader and the
-pool, the event protocol, tree removal, student ids, probes of the library."""
+pool, the event protocol, tree removal, student ids."""
 
 import json
 import os
@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
-from autograder import corpus, probes
+from autograder import corpus
 from autograder.bwrap import bwrap_status
 from autograder.course import Course, generate
-from autograder.coursecode import CourseCode
 from autograder.events import Emitter, Reader
 from autograder.limits import Limits, describe_fields, option_name
 from autograder.preprocessors import ExecutionPlan, PlannedRun
@@ -196,55 +195,3 @@ def test_any_folder_name_gets_a_stable_safe_id():
     assert len(set(ids)) == len(ids)
     assert ids == [student_id(n) for n in names]
     assert ids[1].startswith("zoe-") and ids[2].startswith("ann-marie-")
-
-
-# ---------------------------------------------------------------------------------------
-# Probes
-
-
-class _Probe:
-    def __init__(self, cells, call, unavailable):
-        self.cells, self.call, self.unavailable = cells, call, unavailable
-
-
-def test_library_without_references_keeps_everything_else(tmp_path):
-    transform = probes.library_without(["paralab.schedules:one_f_one_b",
-                                        "paralab.tp:ColumnParallelLinear.forward"])
-    code = CourseCode.build(str(tmp_path / "course"), transform=transform)
-    transform.check()
-    script = (
-        "import paralab, functools\n"
-        "from paralab import schedules, simulate, tp\n"
-        "try:\n"
-        "    schedules.one_f_one_b(2, 2)\n"
-        "except paralab.ReferenceUnavailable as e:\n"
-        "    print('unavailable:', e)\n"
-        "print('wrapped:', hasattr(schedules.one_f_one_b, '__wrapped__'))\n"
-        "print('makespan:', simulate(schedules.gpipe(2, 2), 1, 1).makespan)\n"
-        "print('import ok:', paralab.one_f_one_b is schedules.one_f_one_b)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=code.root))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
-        "unavailable: paralab.schedules:one_f_one_b is not available in this test",
-        "wrapped: True", "makespan: 6", "import ok: True"]
-    bad = probes.library_without(["paralab.schedules:no_such_function"])
-    CourseCode.build(str(tmp_path / "other"), transform=bad)
-    with pytest.raises(probes.ProbeError, match="no_such_function"):
-        bad.check()
-
-
-def test_probe_notebook_is_the_named_cells_then_the_call():
-    def cell(gid, source):
-        return {"cell_type": "code", "source": source, "outputs": [{"x": 1}],
-                "execution_count": 3, "metadata": {"nbgrader": {"grade_id": gid}}}
-    nb = {"cells": [cell("setup", "import x"), cell("other", "y = 1"), cell("d", "def f(): 1")],
-          "metadata": {"kernelspec": {"name": "python3"}}, "nbformat": 4, "nbformat_minor": 5}
-    got = probes.probe_notebook(nb, _Probe(("d", "setup", "missing"), "f(2, 3)", ()), "hw", "own")
-    assert [c["source"] for c in got["cells"]] == [
-        "def f(): 1", "import x",
-        "from autograder.checks import hw as checks\nchecks.check('own', lambda: f(2, 3))\n"]
-    assert all(c["outputs"] == [] for c in got["cells"])
-    assert got["metadata"] == nb["metadata"]
-    assert probes.probe_notebook(nb, _Probe(("nope",), "f()", ()), "hw", "own") is None
-    assert probes.answers_path("/g/answers/s/hw/hw.jsonl") == "/g/answers/s/hw/hw.probe.jsonl"

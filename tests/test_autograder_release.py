@@ -76,6 +76,21 @@ def test_check_release_reports_drift_and_every_kind_of_leak(course):
     assert "assignments/old_homework/ has no source" in problems
 
 
+def test_check_release_ignores_what_jupyterlab_and_editors_leave_behind(course):
+    folder = os.path.join(course.assignments_dir, "toy")
+    checkpoints = os.path.join(folder, ".ipynb_checkpoints")
+    os.makedirs(checkpoints)
+    shutil.copy(os.path.join(folder, "toy.ipynb"), os.path.join(checkpoints,
+                                                                "toy-checkpoint.ipynb"))
+    for name in (".DS_Store", "toy.ipynb~", ".toy.ipynb.swp"):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("x")
+    assert check_release(course) == []
+    with open(os.path.join(folder, "notes.txt"), "w") as f:  # a real stray file still counts
+        f.write("x")
+    assert any("notes.txt" in p for p in check_release(course))
+
+
 def test_check_release_sees_a_source_edited_without_regenerating(course):
     path = course.sources("mini")["mini"]
     with open(path, "a") as f:

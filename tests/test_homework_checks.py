@@ -8,9 +8,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import jupytext
+import numpy as np
 import pytest
 import sympy as sp
 
+from autograder.checks import Raised, encode, run_check
 from autograder.checks import hw1_tensor_parallel as hw1
 from autograder.checks import hw2_pipeline_bubbles as hw2
 from paralab import launch, schedules, tp
@@ -65,6 +67,17 @@ def test_hw2_right_answers_pass(key, value):
     ("min_m_5_percent", 56, "3/59 > 1/20"),
     ("one_f_one_b_T_total", 48, "does not remove the bubble"),
     ("one_f_one_b_T_total", 57, "INTERLEAVED"),
+    ("one_f_one_b_T_total", 54, "leaves out the drain"),
+    ("one_f_one_b_T_total", 50, "1F1B reorders GPipe's work"),
+    ("interleaved_T_total", 33, "does not halve the whole step"),
+    ("interleaved_T_total", 48, "shrinks the bubble, it does not remove it"),
+    ("interleaved_T_total", 40, "simulate schedules.interleaved_one_f_one_b(4, 8, 2)"),
+    ("T_total_formula", (p - 1) * t_f + m * (t_f + t_b), "leaves out the drain"),
+    ("T_total_formula", (p - 1) * t_b + m * (t_f + t_b), "leaves out the fill"),
+    ("T_total_formula", (m + p - 1) * t_f, "only the forward phase"),
+    ("T_total_formula", m * p * t_f, "at the homework's p=4, m=8, t_f=2, t_b=4 it gives 64"),
+    ("peak_1f1b", [4, 4, 4, 4], "gives every rank the first stage's p = 4"),
+    ("peak_gpipe", [4, 3, 2, 1], "holds all m microbatches"),
     ("same_bubble", (0.2727, 0.375), "compares two different quantities"),
     ("peak_1f1b", [2, 2, 2, 2], "m/p = 2 per rank is a common claim"),
     ("peak_1f1b", [8, 8, 8, 8], "GPipe's memory"),
@@ -128,15 +141,16 @@ def students_one_f_one_b(p_value, m_value):
     return Schedule(tuple(orders), m_value, p_value)
 
 
-def test_hw2_own_implementation_catches_delegation_even_through_an_alias():
-    reference = schedules.one_f_one_b  # an alias bound before the library is switched off
-    outcome = hw2.without_library(lambda: reference(*hw2.ORIGINALITY_SIZE))
-    result = verdict(hw2, "own_implementation", outcome)
-    assert not result.passed and "not call the library" in result.message
-    own = hw2.without_library(lambda: students_one_f_one_b(*hw2.ORIGINALITY_SIZE))
+def test_hw2_own_implementation_verdicts():
+    unavailable = Raised("ReferenceUnavailable", "paralab.schedules:one_f_one_b is not "
+                                                 "available in this test: write it yourself")
+    result = verdict(hw2, "own_implementation", unavailable)
+    assert not result.passed and "must build the order itself" in result.message
+    assert "paralab.schedules:one_f_one_b" in result.message
+    own = students_one_f_one_b(*hw2.ORIGINALITY_SIZE)
     assert verdict(hw2, "own_implementation", own).passed
-    # The library works again afterwards.
-    assert schedules.one_f_one_b(2, 2).to_strings()[0] == ["0F0", "0F1", "0B0", "0B1"]
+    crashed = run_check(hw2.CHECKS, "own_implementation", encode(Raised("KeyError", "(5, 7)")))
+    assert not crashed.passed and "KeyError" in crashed.message
 
 
 # -- hw1 -------------------------------------------------------------------------------------
@@ -195,7 +209,57 @@ def test_hw1_row_row_seed_error_is_recognised():
     seed = verdict(hw1, "row_row_forward", [("all_gather", big), ("all_reduce", n)])
     assert not seed.passed and "GeLU is nonlinear" in seed.message
     col = verdict(hw1, "col_col_forward", [("all_reduce", n)])
-    assert not col.passed and "FULL Y" in col.message
+    assert not col.passed and "WHOLE Y" in col.message
+
+
+@pytest.mark.parametrize("value,phrase", [
+    ([("all_gather", 4 * 8 * 128 * 1024)], "missing the all_gather of Z"),
+    ([("all_gather", 4 * 8 * 128 * 1024), ("all_reduce", 8 * 128 * 1024)],
+     "all_reduce of B*S*d elements (Z) is not the right collective"),
+    ([("all_to_all", 4 * 8 * 128 * 1024)], "an all-to-all or a scatter does not give"),
+    ([("scatter", 4 * 8 * 128 * 1024), ("all_gather", 8 * 128 * 1024)], "all-to-all or a scatter"),
+])
+def test_hw1_col_col_forward_says_what_is_wrong_with_that_answer(value, phrase):
+    result = verdict(hw1, "col_col_forward", value)
+    assert not result.passed and phrase in result.message
+    assert "backward" not in result.message  # a forward answer is told about the forward
+
+
+def test_hw1_weight_shards_are_told_apart_on_other_tp_degrees():
+    right = [((d_, 4 * d_ // p_), (4 * d_ // p_, d_)) for d_, p_ in hw1.HIDDEN_SHAPE_CASES]
+    assert verdict(hw1, "weight_shard_shapes_hidden", right).passed
+    assert all(4 * d_ // p_ != d_ for d_, p_ in hw1.HIDDEN_SHAPE_CASES)  # P = 4 cannot tell
+    transposed = [(w2, w1) for w1, w2 in right]
+    result = verdict(hw1, "weight_shard_shapes_hidden", transposed)
+    assert not result.passed and "nn.Linear.weight layout" in result.message
+    floats = [((d_, 4 * d_ / p_), (4 * d_ / p_, d_)) for d_, p_ in hw1.HIDDEN_SHAPE_CASES]
+    assert verdict(hw1, "weight_shard_shapes_hidden", floats).passed
+
+
+@pytest.mark.parametrize("key,value", [
+    ("W1_shard_shape", (1024, 1024.0)), ("W1_shard_shape", (sp.Integer(1024), np.int64(1024))),
+    ("allreduce_bytes_fp32", 4194304.0), ("allreduce_bytes_fp32", np.int64(4194304)),
+    ("ring_traffic_bytes", sp.Integer(6291456)),
+    ("comm_col_row", {"linear1.forward": None, "linear1.backward": ("all_reduce", 1048576.0),
+                      "linear2.forward": ["all_reduce", np.int64(1048576)],
+                      "linear2.backward": None}),
+])
+def test_hw1_integers_may_be_written_any_common_way(key, value):
+    assert verdict(hw1, key, value).passed
+
+
+@pytest.mark.parametrize("key,value", [
+    ("min_m_5_percent", 57.0), ("min_m_5_percent", sp.Integer(57)),
+    ("min_m_5_percent", np.int64(57)), ("T_total", np.float64(66)), ("T_total", sp.Integer(66)),
+    ("peak_1f1b", [4.0, 3, sp.Integer(2), np.int32(1)]), ("time_ratio", sp.Rational(11, 8)),
+])
+def test_hw2_numbers_may_be_written_any_common_way(key, value):
+    assert verdict(hw2, key, value).passed
+
+
+def test_hw2_non_integers_are_refused_where_an_integer_is_asked():
+    assert not verdict(hw2, "min_m_5_percent", 57.5).passed
+    assert not verdict(hw2, "min_m_5_percent", True).passed
 
 
 # The student's f/g, in three versions, run for real on 2 processes.
@@ -254,14 +318,10 @@ def test_hw1_tp_ffn_check_on_real_runs(ffn, phrase):
 
 
 def test_hw1_own_implementation():
-    good = hw1.without_library(make_ffn(GoodF, GoodG))
+    good = [hw1.tp_ffn_worker(0, 1, make_ffn(GoodF, GoodG), hw1.ORIGINALITY_CASE)]
     assert verdict(hw1, "own_implementation", good).passed
-
-    def delegating(x, w1, b1, w2, b2):
-        import torch.nn.functional as F
-        y = F.gelu(F.linear(tp.copy_to_tp(x), w1, b1))
-        return tp.reduce_from_tp(F.linear(y, w2)) + b2
-    result = verdict(hw1, "own_implementation", hw1.without_library(delegating))
+    result = verdict(hw1, "own_implementation",
+                     Raised("ReferenceUnavailable", "paralab.tp:copy_to_tp is not available"))
     assert not result.passed and "yourself" in result.message
 
 
@@ -273,3 +333,38 @@ def test_hw1_reference_layers_pass_the_check():
         return tp.reduce_from_tp(F.linear(y, w2)) + b2
     results = launch.run(hw1.tp_ffn_worker, 4, ffn, hw1.VISIBLE_CASE, echo=False)
     assert hw1.tp_ffn_check(hw1.VISIBLE_CASE)(results).passed
+
+
+# -- what a student sees ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_student_sees_every_check_of_a_cell_in_one_line_each(tmp_path):
+    """The notebook of a student with the sources' classic mistakes next to right answers,
+    run as in JupyterLab: every check of a cell prints its line (no traceback, nothing
+    hidden behind the first failure), wrong answers on stderr with their misconception."""
+    from nbclient import NotebookClient
+
+    from autograder import samples
+    from autograder.mutants import hw2_pipeline_bubbles as hw2_mutants
+    nb = samples.apply(samples.solved("hw2_pipeline_bubbles"), hw2_mutants.MUTANTS,
+                       "m16_ratio_upside_down", "1f1b_bubble_is_p_minus_1_over_m")
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in nb.cells}
+
+    def lines(grade_id):
+        out = []
+        for o in cells[grade_id].outputs:
+            assert o.output_type == "stream", o  # no error output, no traceback
+            out += [(o.name, line) for line in o.text.splitlines()]
+        return out
+
+    assert lines("test_m16") == [
+        ("stdout", "\u2713 T_total_16: correct"), ("stdout", "\u2713 T_ideal_16: correct"),
+        ("stderr", lines("test_m16")[2][1])]
+    assert lines("test_m16")[2][1].startswith("\u2717 time_ratio_16: ")
+    assert "upside down" in lines("test_m16")[2][1]
+    both = lines("test_one_f_one_b_time")
+    assert [name for name, _ in both] == ["stderr", "stderr"]
+    assert "leaves out the drain" in both[0][1]
+    assert "compares two different quantities" in both[1][1]  # not hidden by the first
+    assert all(name == "stdout" for name, _ in lines("test_peaks"))

@@ -43,5 +43,7 @@ def test_book_build_renders_executed_pages_and_an_index(tmp_path):
     index = build.build([lecture], tmp_path / "book")
     page = (tmp_path / "book" / "01_tiny.html").read_text()
     assert "42" in page  # executed: the output is in the page
+    assert 'src="_mathjax/tex-chtml.js"' in page and (tmp_path / "book" / "_mathjax"
+                                                      / "tex-chtml.js").is_file()
     assert '<a href="01_tiny.html">A tiny lecture</a>' in index.read_text()
     assert build.lectures()[0].name == "01_tensor_parallel.md"

@@ -1,25 +1,36 @@
 """Checks shared by a notebook's test cells and the grader's clean re-check.
 
-A test cell records the student's answer and checks it::
+A test cell checks the student's answers, one line per answer::
 
-    from autograder.checks import hw1_tensor_parallel as checks
-    checks.check("t_total", t_total)
+    from autograder.checks import hw2_pipeline_bubbles as checks
+    checks.check("T_total_16")                              # the variable named T_total_16
+    checks.check("time_ratio_16", T_total_16 / T_ideal_16)  # a value
+    checks.check("schedule_p4_m8", lambda: one_f_one_b(4, 8))   # computed here, safely
 
-``check`` (made by :func:`make_checker`) appends the answer to the file named by
-``$PARALAB_ANSWERS`` (nothing happens when it is unset, e.g. on a student's laptop), runs
-the check right away for feedback, prints one line and raises ``AssertionError`` with the
-check's message when it fails.  The student's code runs in the same kernel and could
-replace any of this, so the grader does not trust the kernel's verdict: it re-runs the
-same checks on the recorded answers in a fresh process (``python -m autograder.verify``).
-The kernel check runs on the answer as decoded from its recorded form, so both verdicts
-agree unless something in the kernel was tampered with.
+``check`` (made by :func:`make_checker`) records the answer in the file named by
+``$PARALAB_ANSWERS`` (nothing happens when it is unset, e.g. on a student's laptop), checks
+it right away and prints one line: ``✓ key: ...`` on stdout or ``✗ key: what is wrong`` on
+stderr.  It never raises, so every check of a cell runs and reports, and a cell earns the
+points of the checks that pass.  Given a function of no arguments, ``check`` calls it and
+records an exception it raises as a failed answer (the message says where in the student's
+code it came from), so one broken answer does not hide the checks after it.
+
+The student's code runs in the same kernel and could replace any of this, so the grader
+does not trust the kernel's verdict: it re-runs the same checks on the recorded answers in a
+fresh process (``python -m autograder.verify``).  The kernel check runs on the answer as
+decoded from its recorded form, so both verdicts agree unless something in the kernel was
+tampered with.
 
 An assignment's module ``autograder/checks/<assignment>.py`` defines
 
 * ``CHECKS``: answer key -> function(decoded value) -> :class:`Verdict`;
-* ``GRADE_CELLS``: nbgrader ``grade_id`` of each autograded test cell -> the keys that
-  cell must record (and pass) to earn its points;
+* ``GRADE_CELLS``: nbgrader ``grade_id`` of each autograded test cell -> the keys that cell
+  records: a list (the cell's points are split evenly over them) or a dict ``{key: weight}``
+  (split in proportion to the weights).  A cell earns ``points * (weight passed) / (total
+  weight)``;
 * ``SYMBOLS`` (optional): names allowed in SymPy answers (strings or Symbols);
+* ``PROBES`` (optional): answer keys that only a separate run of the student's code, with the
+  library's reference implementations unavailable, may record (see :class:`Probe`);
 * ``check = make_checker(CHECKS, symbols=SYMBOLS)``.
 
 Keep this package light: it is imported inside the grading sandbox and by every test cell.
@@ -27,19 +38,25 @@ Keep this package light: it is imported inside the grading sandbox and by every 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
+import traceback
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from . import expr  # noqa: F401 - imported now, before a course directory joins __path__
-from .codec import DecodeError, Decoder, dumps_record, encode, read_records
+from .codec import DecodeError, Decoder, Raised, dumps_record, encode, read_records
 
 ANSWERS_ENV = "PARALAB_ANSWERS"
 CHECKS_PATH_ENV = "PARALAB_CHECKS_PATH"
+PASS, FAIL = "\u2713", "\u2717"
 
-__all__ = ["ANSWERS_ENV", "Verdict", "answer", "make_checker", "decode", "encode",
-           "DecodeError", "read_records", "add_path",
+__all__ = ["ANSWERS_ENV", "Verdict", "Probe", "Raised", "answer", "make_checker", "decode",
+           "encode", "DecodeError", "read_records", "add_path", "run_check", "cell_weights",
+           "handles_raised", "as_integer", "as_real",
            "equals", "close", "same_expression", "tensor_close", "same_schedule"]
 
 
@@ -64,6 +81,23 @@ class Verdict(NamedTuple):
     message: str
 
 
+@dataclass(frozen=True)
+class Probe:
+    """An answer that only a separate run of the student's code may record.
+
+    Some answers must be computed without the course library's reference implementation
+    (the library contains the answers to the coding exercises).  Whatever the student's
+    kernel records for such a key is ignored.  Instead the grader runs, in a fresh sandbox,
+    the submitted cells ``cells`` (grade_ids, in order) followed by
+    ``checks.check(key, lambda: <call>)``, with every function named in ``unavailable``
+    (``"module:qualname"``) replaced by one that raises ``ReferenceUnavailable``.  A student
+    who delegates to the library then gets that exception as their answer."""
+
+    cells: tuple[str, ...]
+    call: str
+    unavailable: tuple[str, ...]
+
+
 def answer(key: str, value: Any) -> None:
     """Record ``value`` as the answer ``key`` for the clean re-check (no-op when
     ``$PARALAB_ANSWERS`` is unset)."""
@@ -80,42 +114,149 @@ def decode(encoded: Any, symbols: Iterable[Any] = (), functions: Any = None) -> 
     return Decoder(symbols, functions).decode(encoded)
 
 
-def run_check(checks: dict, key: str, encoded: Any, symbols: Iterable[Any] = (),
-              functions: Any = None) -> Verdict:
-    """Decode ``encoded`` and apply ``checks[key]``; never raises."""
+def handles_raised(check: Callable) -> Callable:
+    """Mark a check that wants to see a :class:`Raised` answer (an exception the student's
+    code raised) instead of the generic "raised ..." verdict."""
+    check.handles_raised = True  # type: ignore[attr-defined]
+    return check
+
+
+def run_check(checks: Mapping[str, Callable], key: str, encoded: Any,
+              symbols: Iterable[Any] = (), functions: Any = None) -> Verdict:
+    """Decode ``encoded`` and apply ``checks[key]``; never raises: whatever goes wrong with
+    one answer fails that answer's check only."""
     if key not in checks:
-        return Verdict(False, f"{key}: no check with this name (course error: add it to "
-                              f"CHECKS)")
+        return Verdict(False, f"no check with this name (course error: add {key!r} to CHECKS)")
     try:
         value = decode(encoded, symbols, functions)
     except DecodeError as e:
-        return Verdict(False, f"{key}: {e}")
+        return Verdict(False, str(e))
+    except Exception as e:  # noqa: BLE001 - a crafted record must fail its check, not crash
+        return Verdict(False, f"the recorded answer could not be read ({type(e).__name__})")
+    check = checks[key]
+    if isinstance(value, Raised) and not getattr(check, "handles_raised", False):
+        return Verdict(False, value.describe())
     try:
-        verdict = checks[key](value)
+        verdict = check(value)
     except Exception as e:  # noqa: BLE001 - an unexpected value must fail, not crash
-        return Verdict(False, f"{key}: the answer could not be checked "
+        return Verdict(False, f"the answer could not be checked "
                               f"({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(verdict, tuple) or len(verdict) != 2:
-        return Verdict(False, f"{key}: the check returned {type(verdict).__name__}, not a "
-                              f"Verdict (course error)")
+        return Verdict(False, f"the check returned {type(verdict).__name__}, not a Verdict "
+                              f"(course error)")
     return Verdict(bool(verdict[0]), str(verdict[1]))
 
 
+def cell_weights(keys: Any) -> dict[str, float]:
+    """``{key: weight}`` of one ``GRADE_CELLS`` entry (a list means equal weights)."""
+    if isinstance(keys, Mapping):
+        return {str(k): float(w) for k, w in keys.items()}
+    return {str(k): 1.0 for k in keys}
+
+
+_MISSING = object()
+
+
+def _student_frame(tb: Any) -> str:
+    """Where in the student's code an exception came from: the innermost frame that is
+    not in this package or the library."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(tb)
+              if not os.path.abspath(f.filename).startswith(here)]
+    for frame in reversed(frames):
+        name = frame.filename
+        if "site-packages" in name or os.sep + "paralab" + os.sep in name:
+            continue
+        line = (frame.line or "").strip()
+        where = f"in {frame.name}" if frame.name != "<module>" else "in the cell"
+        return f" ({where}, line {frame.lineno}: {line[:80]})" if line else f" ({where})"
+    return ""
+
+
+def _is_thunk(value: Any) -> bool:
+    """A function of no arguments written in the test cell (``lambda: f(4, 8)``); answers
+    themselves are never Python functions (a function cannot be recorded)."""
+    import types
+    return isinstance(value, types.FunctionType) and value.__code__.co_argcount == 0
+
+
+def _obtain(key: str, value: Any, caller_globals: dict) -> Any:
+    if value is _MISSING:
+        if key in caller_globals:
+            return caller_globals[key]
+        import builtins
+        if hasattr(builtins, key):
+            return getattr(builtins, key)
+        return Raised(Raised.NOT_DEFINED, f"{key} is not defined: write your answer in the "
+                                          f"cell above and run it (if it raised an error, "
+                                          f"fix that first)")
+    if _is_thunk(value):
+        try:
+            return value()
+        except KeyboardInterrupt:
+            raise  # the cell's time limit: stop the cell
+        except Exception as e:  # noqa: BLE001 - the student's code failed: that is the answer
+            return Raised(type(e).__name__, str(e)[:300] + _student_frame(e.__traceback__))
+    return value
+
+
 def make_checker(checks: dict[str, Callable[[Any], Verdict]], *, symbols: Iterable[Any] = (),
-                 functions: Any = None) -> Callable[[str, Any], None]:
-    """``check(key, value)`` for test cells: record, check, print, raise on failure."""
+                 functions: Any = None) -> Callable[..., None]:
+    """``check(key[, value])`` for test cells: record, check, print one line.
+
+    Without ``value`` the answer is the variable named ``key`` of the calling cell; a
+    function of no arguments is called and what it raises becomes the (failed) answer."""
     symbols = tuple(symbols)
 
-    def check(key: str, value: Any) -> None:
+    def check(key: str, value: Any = _MISSING) -> None:
+        caller = sys._getframe(1).f_globals if value is _MISSING else {}
+        value = _obtain(key, value, caller)
         answer(key, value)
         verdict = run_check(checks, key, encode(value), symbols, functions)
-        if not verdict.passed:
-            print(f"\u2717 {key}: failed", file=sys.stdout, flush=True)
-            raise AssertionError(verdict.message)
-        print(f"\u2713 {key}: {verdict.message}", flush=True)
+        if verdict.passed:
+            print(f"{PASS} {key}: {verdict.message}", flush=True)
+        else:
+            sys.stdout.flush()
+            print(f"{FAIL} {key}: {verdict.message}", file=sys.stderr, flush=True)
 
     check.checks = checks  # type: ignore[attr-defined]
     return check
+
+
+# ---------------------------------------------------------------------------------------
+# Numbers as students write them: 57, 57.0, sympy.Integer(57), numpy.int64(57)...
+
+
+def as_real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number of any common kind, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, Fraction)):
+        return float(value)
+    if isinstance(value, numbers.Real):  # numpy scalars
+        return float(value)
+    try:
+        import sympy
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(value, sympy.Basic) and value.is_number and value.is_real:
+        return float(value)
+    return None
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number of any common kind (``57``, ``57.0``,
+    ``Fraction(57)``, SymPy or numpy integers), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    x = as_real(value)
+    if x is None or not math.isfinite(x) or x != int(x):
+        return None
+    if isinstance(value, Fraction) and value.denominator != 1:
+        return None
+    return int(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,12 +283,11 @@ def equals(expected: Any, hint: str | None = None, reveal: bool = True):
 def close(expected: float, rel: float = 1e-9, abs_tol: float = 0.0, hint: str | None = None,
           reveal: bool = True):
     """A number within ``rel`` (relative) or ``abs_tol`` of ``expected``."""
-    import math
-
     def check(value: Any) -> Verdict:
-        if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
+        x = as_real(value)
+        if x is None:
             return _fail(hint, f"expected a number, got {type(value).__name__}")
-        if math.isclose(float(value), float(expected), rel_tol=rel, abs_tol=abs_tol):
+        if math.isclose(x, float(expected), rel_tol=rel, abs_tol=abs_tol):
             return Verdict(True, "correct")
         shown = f"expected {expected!r}, got {value!r}" if reveal else \
             f"{value!r} is not the expected value"

@@ -18,6 +18,8 @@ torch tensor              ``{"tensor": nested list, "dtype": "float32", "shape":
 numpy array / scalar      ``{"ndarray": nested list, "dtype": ..., "shape": [...]}`` / number
 paralab Schedule          ``{"schedule": [[action, ...], ...], "num_microbatches": m,
                           "num_stages": s, "name": ...}`` (anything with ``to_strings()``)
+:class:`Raised`           ``{"raised": {"type": "NameError", "message": "..."}}``: the
+                          student's code raised instead of producing an answer
 anything else             ``{"unencodable": "TypeName"}`` (the check then fails clearly)
 ========================  ==================================================================
 
@@ -43,6 +45,38 @@ _TENSOR_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32",
 
 class EncodeError(ValueError):
     pass
+
+
+class Raised:
+    """The answer is an exception: the student's code raised ``type`` with ``message``
+    while computing it.  It is recorded like an answer, so that the clean re-check sees
+    the failure too, and it fails its check with :meth:`describe`."""
+
+    __slots__ = ("type", "message")
+
+    def __init__(self, type: str, message: str):
+        self.type, self.message = str(type)[:100], str(message)[:MAX_TEXT]
+
+    # the type of a Raised made when the answer's variable does not exist (no exception)
+    NOT_DEFINED = "NotDefined"
+
+    def describe(self) -> str:
+        if self.type == self.NOT_DEFINED:
+            return self.message
+        message = self.message.strip()
+        if message.startswith("("):  # only where it came from
+            return f"your code raised {self.type} {message}"
+        return f"your code raised {self.type}" + (f": {message}" if message else "")
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Raised) and (self.type, self.message) == (other.type,
+                                                                           other.message)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.message))
+
+    def __repr__(self) -> str:
+        return f"Raised({self.type!r}, {self.message!r})"
 
 
 class DecodeError(ValueError):
@@ -84,6 +118,8 @@ def _encode(value: Any, depth: int, budget: list) -> Any:
         return float(value)
     if isinstance(value, Fraction):
         return {"fraction": f"{value.numerator}/{value.denominator}"}
+    if isinstance(value, Raised):
+        return {"raised": {"type": value.type, "message": value.message}}
     module = type(value).__module__ or ""
     if module.startswith("torch") and hasattr(value, "detach") and hasattr(value, "tolist"):
         return _encode_tensor(value, budget)
@@ -250,6 +286,11 @@ class Decoder:
             return self._decode_array(tag, obj, budget)
         if tag == "schedule":
             return self._decode_schedule(obj, budget)
+        if tag == "raised":
+            if not (isinstance(body, dict) and isinstance(body.get("type"), str)
+                    and isinstance(body.get("message"), str)):
+                raise DecodeError("malformed answer record")
+            return Raised(body["type"], body["message"])
         if tag == "unencodable":
             raise DecodeError(f"the answer could not be recorded: {str(body)[:100]} values "
                               f"cannot be checked (convert it to a number, list, tensor, "
@@ -267,22 +308,29 @@ class Decoder:
             raise DecodeError("the tensor in the answer is too large")
         complex_ = isinstance(dtype, str) and dtype.startswith("complex")
         flat = _flatten_checked(data, shape, complex_)
-        if tag == "tensor":
-            import torch
-            if dtype not in _TENSOR_DTYPES:
-                raise DecodeError(f"unsupported tensor dtype {str(dtype)[:20]!r}")
-            torch_dtype = getattr(torch, dtype)
-            values = [complex(a, b) for a, b in flat] if complex_ else flat
-            return torch.tensor(values, dtype=torch_dtype).reshape(shape)
-        import numpy
         try:
-            np_dtype = numpy.dtype(str(dtype))
-        except TypeError:
-            raise DecodeError(f"unsupported array dtype {str(dtype)[:20]!r}") from None
-        if np_dtype.kind not in "biufc":
-            raise DecodeError(f"unsupported array dtype {str(dtype)[:20]!r}")
-        values = [complex(a, b) for a, b in flat] if complex_ else flat
-        return numpy.array(values, dtype=np_dtype).reshape(shape)
+            if tag == "tensor":
+                import torch
+                if dtype not in _TENSOR_DTYPES:
+                    raise DecodeError(f"unsupported tensor dtype {str(dtype)[:20]!r}")
+                torch_dtype = getattr(torch, dtype)
+                values = [complex(a, b) for a, b in flat] if complex_ else flat
+                return torch.tensor(values, dtype=torch_dtype).reshape(shape)
+            import numpy
+            try:
+                np_dtype = numpy.dtype(str(dtype))
+            except TypeError:
+                raise DecodeError(f"unsupported array dtype {str(dtype)[:20]!r}") from None
+            if np_dtype.kind not in "biufc":
+                raise DecodeError(f"unsupported array dtype {str(dtype)[:20]!r}")
+            values = [complex(a, b) for a, b in flat] if complex_ else flat
+            return numpy.array(values, dtype=np_dtype).reshape(shape)
+        except DecodeError:
+            raise
+        except (OverflowError, ValueError, TypeError, RuntimeError) as e:
+            # e.g. an integer too large for the dtype: the record was not made by encode()
+            raise DecodeError(f"the recorded array cannot be rebuilt ({type(e).__name__})"
+                              ) from None
 
     def _decode_schedule(self, obj: dict, budget: list) -> Any:
         rows, m, s = obj.get("schedule"), obj.get("num_microbatches"), obj.get("num_stages")

@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from autograder.checks import Verdict, make_checker, originality
+from autograder.checks import Probe, Raised, Verdict, as_integer, handles_raised, make_checker
 from paralab import comm, formulas, tp
 from paralab.formulas import evaluate
 
@@ -26,18 +26,26 @@ SHAPE_KEYS = {"X_shape": "X", "W1_shard_shape": "W1_shard", "Y_shard_shape": "Y_
               "Z_shape": "Z"}
 
 
-def _shapes(variant):
+# (d, P) of the hidden test of A1.  With the homework's P = 4, 4d/P = d, so a column shard
+# (d, 4d/P) and its transpose (4d/P, d) are the same tuple: only another P tells the two
+# conventions apart.
+HIDDEN_SHAPE_CASES = [(1024, 2), (512, 8), (96, 3)]
+
+
+def _shapes(variant, **sizes):
     return {k: tuple(int(n) for n in v)
-            for k, v in evaluate(formulas.ffn_shapes(variant), **SIZES).items()}
+            for k, v in evaluate(formulas.ffn_shapes(variant), **(sizes or SIZES)).items()}
 
 
 def _as_shape(value):
+    """A tuple of ints from what a student may write: ints, integral floats (4 * d / P),
+    SymPy or numpy integers, a torch.Size; None if it is not a shape."""
     if isinstance(value, torch.Size):
         value = tuple(value)
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(n, int) and not isinstance(n, bool) for n in value):
+    if not isinstance(value, (list, tuple)):
         return None
-    return tuple(value)
+    dims = [as_integer(n) for n in value]
+    return None if any(n is None for n in dims) else tuple(dims)
 
 
 def shape_check(key):
@@ -56,6 +64,9 @@ def shape_check(key):
         wrong += [(col_row["W2"], "that is the whole W2; a rank holds 1/P of it"),
                   (col_col["W2_shard"], "that is a COLUMN shard; Linear2 is row-parallel: it "
                                         "splits W2's 4d rows, matching Y's column shards")]
+    if name in ("Y_shard", "Y", "Z_partial", "Z", "X"):
+        wrong.append((tuple(reversed(expected)), "the dimensions are in reverse order: an "
+                                                 "activation is (B, S, features)"))
     if name == "Z_partial":
         wrong.append((col_col["Z_shard"], "a row-parallel layer does not produce a slice of Z "
                                           "but a full-size partial sum: Z = sum of the Z_i"))
@@ -78,6 +89,36 @@ def shape_check(key):
     return check
 
 
+def _transposed_message(which: str, d: int, P: int) -> str:
+    return (f"for d={d}, P={P} your {which} shard is transposed: that is PyTorch's "
+            f"nn.Linear.weight layout (out x in); this question uses the math convention "
+            f"X @ W, where a weight is in x out (W1 is d x 4d)")
+
+
+def weight_shapes_hidden_check(value) -> Verdict:
+    """weight_shard_shapes(d, P) for other TP degrees, where (d, 4d/P) != (4d/P, d)."""
+    if not isinstance(value, list) or len(value) != len(HIDDEN_SHAPE_CASES):
+        return Verdict(False, "expected one (W1_shard_shape, W2_shard_shape) pair per hidden "
+                              "case")
+    for pair, (d_, p_) in zip(value, HIDDEN_SHAPE_CASES):
+        shapes = _shapes("col-row", B=1, S=1, d=d_, P=p_)
+        want = (shapes["W1_shard"], shapes["W2_shard"])
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            return Verdict(False, "weight_shard_shapes must return a pair (W1 shard shape, "
+                                  "W2 shard shape)")
+        got = tuple(_as_shape(x) for x in pair)
+        if got == want:
+            continue
+        for which, g, w in (("W1", got[0], want[0]), ("W2", got[1], want[1])):
+            if g == tuple(reversed(w)) and g != w:
+                return Verdict(False, _transposed_message(which, d_, p_))
+        if got == (want[1], want[0]):
+            return Verdict(False, f"for d={d_}, P={p_} the two shards are swapped")
+        return Verdict(False, f"for d={d_}, P={p_}: {got} is not (W1 shard, W2 shard); write "
+                              f"the shapes with d and P, not with the numbers of P = 4")
+    return Verdict(True, f"correct for {len(HIDDEN_SHAPE_CASES)} other sizes and TP degrees")
+
+
 # -- communication ---------------------------------------------------------------------------
 SLOTS = ("linear1.forward", "linear1.backward", "linear2.forward", "linear2.backward")
 
@@ -96,7 +137,8 @@ def comm_table_check(value) -> Verdict:
     big = int(evaluate(formulas.B * formulas.S * 4 * formulas.d, **SIZES))
     for slot in SLOTS:
         got, want = value[slot], expected[slot]
-        got = tuple(got) if isinstance(got, list) else got
+        if isinstance(got, (list, tuple)) and len(got) == 2 and as_integer(got[1]) is not None:
+            got = (got[0], as_integer(got[1]))
         if got == want:
             continue
         if want is None:
@@ -128,6 +170,7 @@ def comm_table_check(value) -> Verdict:
 
 def bytes_check(value) -> Verdict:
     elements = int(evaluate(formulas.B * formulas.S * formulas.d, **SIZES))
+    value = as_integer(value) if as_integer(value) is not None else value
     if value == elements * FP32:
         return Verdict(True, "correct (4 MiB)")
     if value == elements:
@@ -141,6 +184,7 @@ def traffic_check(value) -> Verdict:
     elements = formulas.B * formulas.S * formulas.d
     expected = int(evaluate(formulas.collective_traffic("all_reduce", elements) * FP32, **SIZES))
     nbytes = int(evaluate(elements * FP32, **SIZES))
+    value = as_integer(value) if as_integer(value) is not None else value
     if value == expected:
         return Verdict(True, "correct: 2(P-1)/P of the tensor, per rank")
     if value == 2 * nbytes:
@@ -153,43 +197,82 @@ def traffic_check(value) -> Verdict:
     return Verdict(False, f"{value} bytes is not right")
 
 
-def _variant_phase(variant, phase):
-    return Counter((c.op, int(evaluate(c.elements, **SIZES)))
-                   for c in formulas.ffn_collectives(variant) if c.phase == phase)
+# Why each collective of the other layouts is there, by (variant, tensor, phase): the
+# message a student gets when it is missing or has the wrong operation.
+WHY = {
+    ("row-row", "Y", "forward"):
+        "row-parallel Linear1 leaves PARTIAL SUMS of Y, and GeLU is nonlinear "
+        "(GeLU(a+b) != GeLU(a)+GeLU(b)), so they must be all-reduced before GeLU",
+    ("row-row", "Z", "forward"):
+        "row-parallel Linear2 leaves partial sums of Z: an all-reduce adds them up",
+    ("row-row", "dL/dY", "backward"):
+        "Linear2 split its input Y (each rank kept its slice of the replicated Y); the "
+        "backward of that split is an all-gather of dL/dY",
+    ("row-row", "dL/dX", "backward"):
+        "Linear1 split its input X; the backward of that split is an all-gather of dL/dX",
+    ("col-col", "Y", "forward"):
+        "column-parallel Linear2 needs the WHOLE Y on every rank (each rank multiplies all of "
+        "Y by its columns of W2), but Linear1 left each rank with a column slice of it: only "
+        "an all-gather of Y gives every rank all of it",
+    ("col-col", "Z", "forward"):
+        "Linear2 is column-parallel too, so each rank ends with a column slice of Z: "
+        "assembling the full Z on every rank takes a second all-gather",
+    ("col-col", "dL/dY", "backward"):
+        "every rank fed the whole Y into its own columns of W2, so each rank holds only a "
+        "partial dL/dY: an all-reduce sums them",
+    ("col-col", "dL/dX", "backward"):
+        "as in col-row, each rank's columns of W1 give a partial dL/dX: an all-reduce sums "
+        "them",
+}
+
+# Error 4 of the source material: for two column-parallel layers it moves Y between the
+# ranks with an all-to-all or a scatter.
+_NOT_A_GATHER = {"all_to_all", "alltoall", "all-to-all", "scatter", "reduce_scatter"}
+
+
+def _expected_collectives(variant, phase):
+    return [(c.op, int(evaluate(c.elements, **SIZES)), c.tensor)
+            for c in formulas.ffn_collectives(variant) if c.phase == phase]
+
+
+def _size_name(n: int) -> str:
+    x = int(evaluate(formulas.B * formulas.S * formulas.d, **SIZES))
+    return {x: "B*S*d", 4 * x: "B*S*4d"}.get(n, str(n))
 
 
 def collectives_check(variant, phase):
-    expected = _variant_phase(variant, phase)
-    big = int(evaluate(formulas.B * formulas.S * 4 * formulas.d, **SIZES))
+    expected = _expected_collectives(variant, phase)
+    want = Counter((op, n) for op, n, _ in expected)
 
     def check(value) -> Verdict:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(x, (list, tuple)) and len(x) == 2 for x in value):
             return Verdict(False, "expected a list of (collective, elements) pairs")
-        got = Counter((str(op), n) for op, n in value)
-        if got == expected:
+        pairs = [(str(op), as_integer(n)) for op, n in value]
+        if any(n is None for _, n in pairs):
+            return Verdict(False, "each pair is (collective name, number of elements)")
+        got = Counter(pairs)
+        if got == want:
             return Verdict(True, "correct")
-        if variant == "row-row" and phase == "forward" and ("all_reduce", big) not in got:
-            if any(op == "all_gather" for op, _ in got):
-                return Verdict(False, "an all-gather does not fix row-parallel Linear1: its "
-                                      "outputs are PARTIAL SUMS, and GeLU is nonlinear "
-                                      "(GeLU(a+b) != GeLU(a)+GeLU(b)), so they must be "
-                                      "all-reduced (B*S*4d elements) before GeLU")
-            return Verdict(False, "row-parallel Linear1 leaves partial sums, and GeLU is "
-                                  "nonlinear: what must happen before GeLU?")
-        if variant == "col-col" and phase == "forward" and ("all_gather", big) not in got:
-            return Verdict(False, "column-parallel Linear2 needs the FULL Y on every rank, but "
-                                  "Linear1 left each rank with a column slice of it")
-        missing = expected - got
-        extra = got - expected
-        parts = []
-        if missing:
-            parts.append(f"missing {sorted(missing.elements())}")
-        if extra:
-            parts.append(f"not needed {sorted(extra.elements())}")
-        return Verdict(False, "; ".join(parts) + " (each forward collective has a conjugate "
-                                                 "backward: identity <-> all-reduce, "
-                                                 "slice <-> all-gather)")
+        if variant == "col-col" and phase == "forward" and any(
+                op.lower() in _NOT_A_GATHER for op, _ in pairs):
+            return Verdict(False, "an all-to-all or a scatter does not give Linear2 what it "
+                                  "needs: " + WHY[("col-col", "Y", "forward")] + " (B*S*4d "
+                                  "elements); its output is then a column slice of Z")
+        for op, n, tensor in expected:
+            if got[(op, n)] >= 1:
+                continue
+            why = WHY[(variant, tensor, phase)]
+            other = [o for o, m in pairs if m == n and o != op]
+            if other:
+                return Verdict(False, f"{other[0]} of {_size_name(n)} elements ({tensor}) is "
+                                      f"not the right collective: {why}")
+            return Verdict(False, f"missing the {op} of {tensor} ({_size_name(n)} elements): "
+                                  f"{why}")
+        extra = sorted((got - want).elements())
+        return Verdict(False, f"not needed in the {phase} pass: {extra} (each collective of "
+                              f"one pass has a conjugate in the other: identity <-> "
+                              f"all-reduce, slice <-> all-gather)")
     return check
 
 
@@ -308,21 +391,31 @@ def tp_ffn_hidden_check(value) -> Verdict:
 
 ORIGINALITY_CASE = (1, 2, 3, 8, 3)
 
+# The library's own f, g and tensor-parallel layers: the reference answer of part D.
+REFERENCE_TP = tuple(f"paralab.tp:{name}" for name in (
+    "copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp",
+    "ColumnParallelLinear.forward", "RowParallelLinear.forward", "ParallelFFN.forward",
+    "_CopyToTP.forward", "_CopyToTP.backward", "_ReduceFromTP.forward",
+    "_ReduceFromTP.backward", "_GatherFromTP.forward", "_GatherFromTP.backward",
+    "_ScatterToTP.forward", "_ScatterToTP.backward"))
 
-def without_library(tp_ffn):
-    """Run ``tp_ffn`` once in this process with paralab.tp switched off (hidden test)."""
-    functions = [tp.copy_to_tp, tp.reduce_from_tp, tp.gather_from_tp, tp.scatter_to_tp,
-                 tp.ColumnParallelLinear.forward, tp.RowParallelLinear.forward,
-                 tp.ParallelFFN.forward]
-    for op in (tp._CopyToTP, tp._ReduceFromTP, tp._GatherFromTP, tp._ScatterToTP):
-        functions += [op.forward, op.backward]
-    return originality.without(functions,
-                               lambda: [tp_ffn_worker(0, 1, tp_ffn, ORIGINALITY_CASE)])
+PROBES = {
+    # tp_ffn run once more, in a fresh process where paralab.tp's operators and layers
+    # raise ReferenceUnavailable: f and g must be the student's own.
+    "own_implementation": Probe(
+        cells=("setup", "d"),
+        call="[checks.tp_ffn_worker(0, 1, tp_ffn, checks.ORIGINALITY_CASE)]",
+        unavailable=REFERENCE_TP),
+}
 
 
+@handles_raised
 def own_implementation_check(value) -> Verdict:
-    if value == originality.REFERENCE_USED:
-        return Verdict(False, "write f and g yourself instead of using paralab.tp")
+    if isinstance(value, Raised):
+        if value.type == "ReferenceUnavailable":
+            return Verdict(False, f"write f and g yourself instead of using paralab.tp "
+                                  f"({value.message})")
+        return Verdict(False, value.describe())
     verdict = tp_ffn_check(ORIGINALITY_CASE)(value)
     return Verdict(verdict.passed, "your own implementation" if verdict.passed
                    else verdict.message)
@@ -330,6 +423,7 @@ def own_implementation_check(value) -> Verdict:
 
 CHECKS = {key: shape_check(key) for key in SHAPE_KEYS}
 CHECKS.update({
+    "weight_shard_shapes_hidden": weight_shapes_hidden_check,
     "comm_col_row": comm_table_check,
     "allreduce_bytes_fp32": bytes_check,
     "ring_traffic_bytes": traffic_check,
@@ -343,7 +437,7 @@ CHECKS.update({
 })
 
 GRADE_CELLS = {
-    "test_weight_shapes": ["W1_shard_shape", "W2_shard_shape"],
+    "test_weight_shapes": ["W1_shard_shape", "W2_shard_shape", "weight_shard_shapes_hidden"],
     "test_activation_shapes": ["X_shape", "Y_shard_shape", "Y_shape", "Z_partial_shape",
                                "Z_shape"],
     "test_comm_col_row": ["comm_col_row"],

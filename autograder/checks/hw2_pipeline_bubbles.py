@@ -11,7 +11,8 @@ from fractions import Fraction
 
 import sympy as sp
 
-from autograder.checks import Verdict, make_checker, originality
+from autograder.checks import (Probe, Raised, Verdict, as_integer, as_real, handles_raised,
+                               make_checker)
 from paralab import formulas
 from paralab.formulas import evaluate
 from paralab.schedules import Schedule, ScheduleError, gpipe, validate
@@ -36,36 +37,28 @@ ALLOWED_GAINS = {"bubble_at_equal_m", "peak_activation_memory", "allows_larger_m
 
 
 # -- numbers -----------------------------------------------------------------------------
-def _number(value):
-    """A float for any real number the answer may be (int, float, Fraction, SymPy number)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float, Fraction)):
-        return float(value)
-    if isinstance(value, sp.Basic) and value.is_number and value.is_real:
-        return float(value)
-    return None
-
-
 def _is(value, target, rel=1e-6) -> bool:
     """``value`` equals ``target`` up to ``rel`` (misconceptions use a looser ``rel`` so that
     0.273 is recognised as 3/11)."""
-    x = _number(value)
+    x = as_real(value)
     return x is not None and abs(x - float(target)) <= rel * max(1.0, abs(float(target)))
 
 
-def number_check(expected, misconceptions):
-    """``expected`` exactly (floats to 6 digits); known wrong values get their message."""
+GPIPE_HINT = "derive it from fill + steady state + drain (lecture 02, section 2)"
+
+
+def number_check(expected, misconceptions, hint=GPIPE_HINT):
+    """``expected`` exactly (floats to 6 digits); known wrong values get their message,
+    other wrong values ``hint`` (what to do for *this* question)."""
     def check(value) -> Verdict:
-        if _number(value) is None:
+        if as_real(value) is None:
             return Verdict(False, f"expected a number, got {type(value).__name__}")
         if _is(value, expected):
             return Verdict(True, "correct")
         for wrong, message in misconceptions:
             if _is(value, wrong, rel=5e-3):
                 return Verdict(False, message)
-        return Verdict(False, f"{value} is not right; derive it from fill + steady state + "
-                              f"drain (see lecture 02, section 2)")
+        return Verdict(False, f"{value} is not right; {hint}")
     return check
 
 
@@ -130,6 +123,16 @@ def formula_check(expected, misconceptions=()):
         if extra:
             names = ", ".join(sorted(map(str, extra)))
             return Verdict(False, f"{value} depends on {names}; the answer does not")
+        at = {s: HOMEWORK[s.name] for s in expected.free_symbols | value.free_symbols
+              if s.name in HOMEWORK}
+        try:
+            got, want = value.subs(at), expected.subs(at)
+        except Exception:  # noqa: BLE001 - a value that does not substitute is just wrong
+            got = want = None
+        if got is not None and got.is_number and want.is_number and got != want:
+            return Verdict(False, f"{value} is not equivalent to the right formula: at the "
+                                  f"homework's p=4, m=8, t_f=2, t_b=4 it gives {got}, the "
+                                  f"right one {want}")
         return Verdict(False, f"{value} is not equivalent to the right formula")
     return check
 
@@ -174,8 +177,9 @@ def quantities_p4_m8(value) -> Verdict:
 def min_m_check(value) -> Verdict:
     target = sp.Rational(1, 20)
     expected = formulas.min_microbatches(4, target, "bubble_fraction")
-    if isinstance(value, bool) or not isinstance(value, int):
-        return Verdict(False, f"expected a whole number of microbatches, got {value!r}")
+    value = as_integer(value)
+    if value is None:
+        return Verdict(False, "expected a whole number of microbatches")
     if value == expected:
         return Verdict(True, "correct")
     if value == formulas.min_microbatches(4, target, "bubble_overhead"):
@@ -197,11 +201,15 @@ def peak_check(schedule_name):
     def check(value) -> Verdict:
         if not isinstance(value, (list, tuple)) or len(value) != 4:
             return Verdict(False, "expected a list of 4 numbers, one per rank 0..3")
-        value = [int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
-                 for x in value]
+        value = [as_integer(x) if as_integer(x) is not None else x for x in value]
         if value == expected:
             return Verdict(True, "correct")
         if schedule_name == "1f1b":
+            if value == [expected[0]] * len(expected):
+                return Verdict(False, f"{value} gives every rank the first stage's p = "
+                                      f"{expected[0]} microbatches; rank r holds only p-r: a "
+                                      f"later stage gets its first gradient sooner, after a "
+                                      f"shorter warm-up, so it frees activations earlier")
             if value == [8 // 4] * 4:
                 return Verdict(False, "m/p = 2 per rank is a common claim, and wrong: rank r "
                                       "runs p-r-1 warm-up forwards plus one more before its "
@@ -217,6 +225,10 @@ def peak_check(schedule_name):
                 return Verdict(False, "that counts only the warm-up forwards; the first "
                                       "forward of the steady state also runs before the "
                                       "first backward")
+        if schedule_name == "gpipe" and value != gpipe_peak:
+            return Verdict(False, f"{value} is not GPipe's: every rank runs all m forwards "
+                                  f"before its first backward, so it holds all m "
+                                  f"microbatches at once")
         return Verdict(False, f"{value} is not right; simulate the schedule and look at "
                               f"Timeline.peak_activations")
     return check
@@ -328,18 +340,27 @@ def executor_check(value) -> Verdict:
 
 ORIGINALITY_SIZE = (5, 7)
 
+# The library's schedule generators: the reference answer of part D.
+REFERENCE_GENERATORS = tuple(f"paralab.schedules:{name}" for name in (
+    "gpipe", "one_f_one_b", "interleaved_one_f_one_b", "zb_h1", "build"))
 
-def without_library(call):
-    """Run ``call`` with the library's schedule generators switched off (hidden test)."""
-    from paralab import schedules
-    return originality.without([schedules.gpipe, schedules.one_f_one_b, schedules.zb_h1,
-                                schedules.interleaved_one_f_one_b, schedules.build], call)
+PROBES = {
+    # one_f_one_b run once more, in a fresh process where the library's generators raise
+    # ReferenceUnavailable: the order must be the student's own.  Everything else of the
+    # library (simulate, validate, the plots) works as usual there.
+    "own_implementation": Probe(cells=("setup", "d"),
+                                call="one_f_one_b(*checks.ORIGINALITY_SIZE)",
+                                unavailable=REFERENCE_GENERATORS),
+}
 
 
+@handles_raised
 def own_implementation_check(value) -> Verdict:
-    if value == originality.REFERENCE_USED:
-        return Verdict(False, "one_f_one_b must build the order itself, not call the "
-                              "library's schedule generators")
+    if isinstance(value, Raised):
+        if value.type == "ReferenceUnavailable":
+            return Verdict(False, f"one_f_one_b must build the order itself, not call the "
+                                  f"library's schedule generators ({value.message})")
+        return Verdict(False, value.describe())
     verdict = diagnose_schedule(value, *ORIGINALITY_SIZE)
     return Verdict(verdict.passed, "your own implementation" if verdict.passed
                    else verdict.message)
@@ -359,7 +380,14 @@ CHECKS = {
         (T_IDEAL, "that is T_ideal; the fill and drain add (p-1)(t_f+t_b)"),
         ((m + p) * (t_f + t_b), "(m+p)(t_f+t_b) counts one slot too many: the fill is p-1 "
                                 "slots"),
-        (formulas.bubble_time("gpipe"), "that is the bubble alone, not the step time")]),
+        (formulas.bubble_time("gpipe"), "that is the bubble alone, not the step time"),
+        (T_IDEAL + (p - 1) * t_f, "that leaves out the drain: after the last forward, the "
+                                  "last microbatch's backward still crosses p-1 stages, "
+                                  "(p-1) t_b"),
+        (T_IDEAL + (p - 1) * t_b, "that leaves out the fill: the last stage waits (p-1) t_f "
+                                  "for microbatch 0's forward to reach it"),
+        ((m + p - 1) * t_f, "that is only the forward phase; GPipe then runs every "
+                            "backward, (m+p-1) t_b more")]),
     "T_ideal_formula": formula_check(T_IDEAL, [
         (T_TOTAL, "that is T_total; the ideal has no fill or drain")]),
     "time_ratio_formula": quantity_formula_check("time_ratio"),
@@ -372,7 +400,12 @@ CHECKS = {
         [(evaluate(formulas.ideal_time(), **HOMEWORK),
           "1F1B does not remove the bubble: it has the same fill and drain as GPipe"),
          (evaluate(formulas.interleaved_time(), **HOMEWORK, v=2),
-          "that is the INTERLEAVED schedule with v=2; plain 1F1B has GPipe's step time")]),
+          "that is the INTERLEAVED schedule with v=2; plain 1F1B has GPipe's step time"),
+         (evaluate(formulas.ideal_time() + (p - 1) * t_f, **HOMEWORK),
+          "(p-1) t_f + m (t_f+t_b) leaves out the drain: after the last forward, the last "
+          "microbatch's gradient still takes (p-1) t_b to flow back to stage 0")],
+        hint="1F1B reorders GPipe's work without changing its dependencies: simulate "
+             "schedules.one_f_one_b(4, 8) with t_f=2, t_b=4 and read the makespan"),
     "same_bubble": same_bubble_check,
     "peak_gpipe": peak_check("gpipe"),
     "peak_1f1b": peak_check("1f1b"),
@@ -380,7 +413,14 @@ CHECKS = {
         evaluate(formulas.interleaved_time(), **HOMEWORK, v=2),
         [(evaluate(formulas.gpipe_time(), **HOMEWORK),
           "that is the non-interleaved time; with v chunks the fill and drain are v times "
-          "shorter")]),
+          "shorter"),
+         (evaluate(formulas.gpipe_time(), **HOMEWORK) / 2,
+          "interleaving does not halve the whole step: the work m(t_f+t_b) stays, only the "
+          "bubble (p-1)(t_f+t_b) is divided by v"),
+         (evaluate(formulas.ideal_time(), **HOMEWORK),
+          "interleaving shrinks the bubble, it does not remove it: (p-1)(t_f+t_b)/v remains")],
+        hint="with v=2 each chunk costs t_f/2 and t_b/2: simulate "
+             "schedules.interleaved_one_f_one_b(4, 8, 2) with t_f=2, t_b=4"),
     "one_f_one_b_gains": gains_check,
     "schedule_p4_m8": schedule_check(4, 8),
     "schedule_p2_m3": schedule_check(2, 3),
@@ -393,8 +433,8 @@ GRADE_CELLS = {
     "test_T_total": ["T_total"],
     "test_T_ideal": ["T_ideal"],
     "test_time_ratio": ["time_ratio"],
-    "test_m16": ["T_total_16", "T_ideal_16", "time_ratio_16"],
-    "test_T_formulas": ["T_total_formula", "T_ideal_formula"],
+    "test_m16": {"T_total_16": 2, "T_ideal_16": 1, "time_ratio_16": 1},
+    "test_T_formulas": {"T_total_formula": 2, "T_ideal_formula": 1},
     "test_quantity_formulas": ["time_ratio_formula", "bubble_overhead_formula",
                                "bubble_fraction_formula"],
     "test_quantities_p4_m8": ["quantities_p4_m8"],

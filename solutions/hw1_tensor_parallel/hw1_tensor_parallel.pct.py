@@ -18,8 +18,10 @@
 # Lecture 01 covers everything here. How this notebook is graded:
 #
 # * Put each answer in the variable the question names, with the type it asks for, and run
-#   the test cell below it. Visible tests answer at once, and name the misconception when a
-#   wrong answer is a known one; hidden tests check more cases when the notebook is graded.
+#   the test cell below it. Each check prints one line: ✓ when the answer is right, ✗ with
+#   what is wrong with it otherwise (naming the misconception when it is a known one).
+#   A test cell's points are shared among its checks; hidden tests check more cases when
+#   the notebook is graded.
 # * Do not edit or delete the test cells: they are restored before grading anyway.
 # * Restart the kernel and run all cells before you submit.
 
@@ -37,18 +39,28 @@ B, S, d, P = 8, 128, 1024, 4
 #
 # Give each shape as a tuple of ints, e.g. `(8, 128, 1024)`.
 #
-# **A1.** The weight shards one rank holds: `W1_shard_shape` (its part of $W_1$) and
-# `W2_shard_shape` (its part of $W_2$).
+# **A1.** The weight shards one rank holds: its part of $W_1$ and its part of $W_2$.
+# Write them as a function of $d$ and $P$, `weight_shard_shapes(d, P)`, returning the pair
+# `(W1_shard_shape, W2_shard_shape)`: the hidden tests try other TP degrees.
 
 # %% nbgrader={"grade": false, "grade_id": "a1", "locked": false, "schema_version": 3, "solution": true}
-### BEGIN SOLUTION
-W1_shard_shape = (d, 4 * d // P)   # column-parallel: a block of W1's columns
-W2_shard_shape = (4 * d // P, d)   # row-parallel: the matching block of W2's rows
-### END SOLUTION
+def weight_shard_shapes(d, P):
+    ### BEGIN SOLUTION
+    W1_shard_shape = (d, 4 * d // P)   # column-parallel: a block of W1's columns
+    W2_shard_shape = (4 * d // P, d)   # row-parallel: the matching block of W2's rows
+    ### END SOLUTION
+    return W1_shard_shape, W2_shard_shape
 
-# %% nbgrader={"grade": true, "grade_id": "test_weight_shapes", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-checks.check("W1_shard_shape", W1_shard_shape)
-checks.check("W2_shard_shape", W2_shard_shape)
+
+W1_shard_shape, W2_shard_shape = weight_shard_shapes(d, P)
+
+# %% nbgrader={"grade": true, "grade_id": "test_weight_shapes", "locked": true, "points": 3, "schema_version": 3, "solution": false}
+checks.check("W1_shard_shape")
+checks.check("W2_shard_shape")
+### BEGIN HIDDEN TESTS
+checks.check("weight_shard_shapes_hidden",
+             lambda: [weight_shard_shapes(d_, P_) for d_, P_ in checks.HIDDEN_SHAPE_CASES])
+### END HIDDEN TESTS
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "a2_text", "locked": true, "schema_version": 3, "solution": false}
 # **A2.** The activations: the input one rank uses (`X_shape`), the output of its Linear1
@@ -65,12 +77,12 @@ Z_partial_shape = (B, S, d)       # a full-size partial sum
 Z_shape = (B, S, d)
 ### END SOLUTION
 
-# %% nbgrader={"grade": true, "grade_id": "test_activation_shapes", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-checks.check("X_shape", X_shape)
-checks.check("Y_shard_shape", Y_shard_shape)
-checks.check("Y_shape", Y_shape)
-checks.check("Z_partial_shape", Z_partial_shape)
-checks.check("Z_shape", Z_shape)
+# %% nbgrader={"grade": true, "grade_id": "test_activation_shapes", "locked": true, "points": 5, "schema_version": 3, "solution": false}
+checks.check("X_shape")
+checks.check("Y_shard_shape")
+checks.check("Y_shape")
+checks.check("Z_partial_shape")
+checks.check("Z_shape")
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "part_b", "locked": true, "schema_version": 3, "solution": false}
 # ## Part B · Where does communication happen?
@@ -92,7 +104,7 @@ comm_col_row = {
 ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test_comm_col_row", "locked": true, "points": 4, "schema_version": 3, "solution": false}
-checks.check("comm_col_row", comm_col_row)
+checks.check("comm_col_row")
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "b2_text", "locked": true, "schema_version": 3, "solution": false}
 # **B2.** In fp32, how many bytes is the tensor of one of those all-reduces
@@ -106,8 +118,8 @@ ring_traffic_bytes = 2 * (P - 1) * allreduce_bytes_fp32 // P
 ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test_bytes", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-checks.check("allreduce_bytes_fp32", allreduce_bytes_fp32)
-checks.check("ring_traffic_bytes", ring_traffic_bytes)
+checks.check("allreduce_bytes_fp32")
+checks.check("ring_traffic_bytes")
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "part_c", "locked": true, "schema_version": 3, "solution": false}
 # ## Part C · Other layouts
@@ -130,8 +142,8 @@ row_row_backward = [("all_gather", B * S * 4 * d),  # the split of Y in front of
 ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test_row_row", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-checks.check("row_row_forward", row_row_forward)
-checks.check("row_row_backward", row_row_backward)
+checks.check("row_row_forward")
+checks.check("row_row_backward")
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "c2_text", "locked": true, "schema_version": 3, "solution": false}
 # **C2.** Both layers **column-parallel**, with the final $Z$ assembled on every rank:
@@ -146,8 +158,8 @@ col_col_backward = [("all_reduce", B * S * 4 * d),  # dL/dY: every rank used the
 ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test_col_col", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-checks.check("col_col_forward", col_col_forward)
-checks.check("col_col_backward", col_col_backward)
+checks.check("col_col_forward")
+checks.check("col_col_backward")
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "part_d", "locked": true, "schema_version": 3, "solution": false}
 # ## Part D · Implement f and g, run on 4 processes
@@ -212,15 +224,15 @@ def tp_ffn(x, w1_shard, b1_shard, w2_shard, b2):
 # gradients and communication log, which must match the dense FFN and the formulas.
 
 # %% nbgrader={"grade": true, "grade_id": "test_tp_ffn", "locked": true, "points": 5, "schema_version": 3, "solution": false}
-results = launch.run(checks.tp_ffn_worker, checks.VISIBLE_CASE[0], tp_ffn, checks.VISIBLE_CASE,
-                     timeout=60, echo=False)
-checks.check("tp_ffn_p4", results)
+checks.check("tp_ffn_p4", lambda: launch.run(checks.tp_ffn_worker, checks.VISIBLE_CASE[0],
+                                              tp_ffn, checks.VISIBLE_CASE, timeout=60,
+                                              echo=False))
 
 # %% nbgrader={"grade": true, "grade_id": "test_tp_ffn_hidden", "locked": true, "points": 4, "schema_version": 3, "solution": false}
-# Other sizes and world sizes.
+# Other sizes and world sizes; and your tp_ffn once more in a fresh process where
+# paralab.tp is not available.
 ### BEGIN HIDDEN TESTS
-checks.check("tp_ffn_hidden", [
+checks.check("tp_ffn_hidden", lambda: [
     launch.run(checks.tp_ffn_worker, case[0], tp_ffn, case, timeout=60, echo=False)
     for case in checks.HIDDEN_CASES])
-checks.check("own_implementation", checks.without_library(tp_ffn))
 ### END HIDDEN TESTS
