@@ -283,7 +283,7 @@ MONKEYPATCH = '''\
 import numpy, sympy, torch, torch.testing
 import autograder.checks as _checks
 from autograder.checks import {assignment} as _mine
-_mine.check = lambda key, value: print("\\u2713", key, "correct")
+_mine.check = lambda key, value: print("\\u2713", key + ":", "correct")
 _checks.run_check = lambda *a, **k: _checks.Verdict(True, "correct")
 _checks.answer = lambda key, value: None
 numpy.isclose = lambda *a, **k: True
@@ -539,6 +539,77 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
                           r"^malformed notebook \(larger than \d+ MiB\)$", 0.0,
                           "a notebook over the size limit"))
     return cases
+
+
+# Switches off, for the call, any watch a grader might have set in the student's kernel.
+CLEARS_HOOKS = """import sys as _sys
+import threading as _threading
+
+
+def _unwatched(_f):
+    def _g(*_a, **_k):
+        _sys.setprofile(None)
+        _sys.settrace(None)
+        _threading.setprofile(None)
+        _threading.settrace(None)
+        return _f(*_a, **_k)
+    return _g
+"""
+# Rebinds every helper a test cell could use to watch or judge the student's function.
+REBINDS_HELPERS = """import sys as _sys
+import autograder.checks as _checks
+from autograder.checks import {assignment} as _mine
+_record = _checks.answer
+
+
+def _quiet_check(key, *value):  # records, never judges, never watches
+    if not value:  # check(key): the variable of that name
+        value = (_sys._getframe(1).f_globals[key],)
+    _record(key, value[0]() if callable(value[0]) and getattr(value[0], "__name__", "")
+            == "<lambda>" else value[0])
+
+
+_mine.check = _quiet_check
+for _name in dir(_mine):
+    if _name.startswith("without"):
+        setattr(_mine, _name, lambda call, *args, **kwargs: call())
+try:
+    import autograder.checks.originality as _originality
+    _originality.without = lambda functions, call: call()
+except ImportError:
+    pass
+"""
+
+
+def originality_cases(assignment: str, notebook: str, release: Any, source: Any, *,
+                      answer_cell: str, delegating: str, honest: str, delegating_score: float,
+                      honest_score: float, prefix: str = "") -> list[Case]:
+    """Submissions that call the library's reference implementation while switching off
+    what could notice it in their own kernel (the profiler hook, the check helpers), and an
+    honest one that uses the rest of the library in its answer.  ``delegating`` and
+    ``honest`` are the code of ``answer_cell``; the scores are the ones a delegation and an
+    honest answer must get (the originality checks lost or kept)."""
+    import ast
+    good = solved_notebook(release, source)
+    functions = [n.name for n in ast.parse(delegating).body
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    unwatched = CLEARS_HOOKS + "\n\n" + delegating + "\n" + "".join(
+        f"{name} = _unwatched({name})\n" for name in functions)
+    rebound = inject_cell(replace_solution(good, answer_cell, delegating),
+                          REBINDS_HELPERS.format(assignment=assignment), 0)
+
+    def case(student: str, nb: Any, score: float, about: str) -> Case:
+        return Case(prefix + student, {f"{notebook}.ipynb": dumps(nb)}, r"^graded(;|$)",
+                    score, about)
+
+    return [
+        case("probe_hook_cleared", replace_solution(good, answer_cell, unwatched),
+             delegating_score, "delegates to the library with the profiler switched off"),
+        case("probe_helper_rebound", rebound, delegating_score,
+             "delegates to the library with every check helper rebound"),
+        case("probe_honest", replace_solution(good, answer_cell, honest), honest_score,
+             "its own answer, which also runs the library's simulator"),
+    ]
 
 
 def zip_cases(assignment: str, notebook: str, release: Any, source: Any,

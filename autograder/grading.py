@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,9 +49,9 @@ from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_c
                      quiet_logs, run_converter, source_cells, validate_assignment)
 from .coursecode import CourseCode
 from .limits import Limits
-from .preprocessors import REPORT_DIR, ExecutionPlan, PlannedRun, report_path, run_plan
+from .plan import REPORT_DIR, ExecutionPlan, PlannedRun, execute, report_path
 from .processes import DEFAULT_SANDBOX_UID, sweep_strays
-from .sandbox import MAX_ANSWERS_BYTES, RunResult, Sandbox
+from .sandbox import MAX_ANSWERS_BYTES, Sandbox
 
 STATUS_FILE = "status.json"
 CSV_COLUMNS = ["student", "assignment", "score", "max_score", "status"]
@@ -191,6 +190,7 @@ class _Run:
     codes: dict[str, CourseCode] = field(default_factory=dict)
     cells: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
     modules: dict[str, Any] = field(default_factory=dict)
+    rechecks: dict[str, "_Recheck"] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     _mark: float = field(default_factory=time.monotonic)
 
@@ -206,16 +206,30 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
     workdir = Workdir(course, os.path.join(out, "course"))
     os.makedirs(workdir.root, exist_ok=True)
     _write_course_config(workdir.root, course)
+    # what to expect of each assignment
+    expected = {a: list(course.sources(a)) for a in course.assignments()}
+    found, warnings = subs.discover(root, expected, {})
+    for w in warnings:
+        options.warn(f"warning: {w}")
+    needed = sorted({f.assignment for f in found if f.assignment in expected})
     with tempfile.TemporaryDirectory(prefix="paralab-grading-") as scratch:
         run = _Run(course, workdir, out, options)
-        run.plan = ExecutionPlan(os.path.join(scratch, "plan"))
-        run.codes["main"] = CourseCode.build(os.path.join(scratch, "code", "main"),
-                                             course.extra_checks_dirs())
-        run.box = Sandbox.create(options.sandbox, options.limits, run.codes["main"],
-                                 options.sandbox_uid, warn=options.warn)
-        run.cfg = workdir.config(**_overrides(course, options, run.plan.folder))
-        started = time.monotonic()
-        entries = _setup_and_grade(run, root, problems or {}, scratch)
+        try:
+            # first of all, so that the clean re-checks get ready while everything else
+            # happens (nbgrader is not even imported yet)
+            for a in needed:
+                run.rechecks[a] = _Recheck(course, a, scratch)
+            run.plan = ExecutionPlan(os.path.join(scratch, "plan"))
+            run.codes["main"] = CourseCode.build(os.path.join(scratch, "code", "main"),
+                                                 course.extra_checks_dirs())
+            run.box = Sandbox.create(options.sandbox, options.limits, run.codes["main"],
+                                     options.sandbox_uid, warn=options.warn)
+            run.cfg = workdir.config(**_overrides(course, options, run.plan.folder))
+            started = time.monotonic()
+            entries = _setup_and_grade(run, root, expected, needed, problems or {}, scratch)
+        finally:
+            for helper in run.rechecks.values():
+                helper.close()
         sweep_strays()
         _save_status(workdir.root, entries)
         export_grades(out)
@@ -224,18 +238,15 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
         return entries
 
 
-def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: str
-                     ) -> list[Entry]:
+def _setup_and_grade(run: _Run, root: str, expected: dict[str, list[str]], needed: list[str],
+                     problems: dict[str, str], scratch: str) -> list[Entry]:
     course, workdir, options = run.course, run.workdir, run.options
-    known = course.assignments()
-    # what to expect of each assignment
-    expected = {a: list(course.sources(a)) for a in known}
-    found, warnings = subs.discover(root, expected, {})
-    for w in warnings:
-        options.warn(f"warning: {w}")
-    needed = sorted({f.assignment for f in found if f.assignment in known})
+    known = list(expected)
     releases: dict[str, dict[str, Any]] = {}
     for a in needed:
+        described = run.rechecks[a].module() if a in run.rechecks else None
+        if described is not None:  # the grader need not import the check module itself
+            course.described[a] = described
         try:
             validate_assignment(course, a)
             run.modules[a] = course.check_module(a)
@@ -254,7 +265,6 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
                              f"generates (run `python -m autograder generate {a}`); grading "
                              f"follows the sources")
         run.cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
-    _probe_libraries(run, scratch)
     run.phase("setup")
     # match notebooks again, now that the releases are known (renamed notebooks)
     found, _ = subs.discover(root, expected, releases)
@@ -269,13 +279,13 @@ def _setup_and_grade(run: _Run, root: str, problems: dict[str, str], scratch: st
                       releases[item.assignment]):
             todo.append(entry)
     run.phase("read")
-    _execute(run, todo)
+    _execute(run, todo, scratch)
     graded = [e for e in entries if e.graded]
     by_assignment: dict[str, list[Entry]] = {}
     for e in graded:
         by_assignment.setdefault(e.assignment, []).append(e)
     for a, group in sorted(by_assignment.items()):
-        verdicts = _verify(course, a, group, workdir.root, options)
+        verdicts = _recheck(run, a, group)
         _apply_verdicts(group, verdicts, workdir, run.cells[a])
     run.phase("verify")
     bar = _bar(len(graded), "feedback", options.progress)
@@ -316,35 +326,218 @@ def _guarded(entry: Entry, workdir: Workdir, step: Callable, *args: Any) -> Any:
         return False
 
 
-def _execute(run: _Run, todo: list[Entry]) -> None:
-    """Collect, run on the pool, replay (see the module's docstring)."""
+def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
+    """Collect, run on the pool, replay (see the module's docstring), as a stream: a
+    submission's runs start as soon as nbgrader has collected it, it is replayed as soon
+    as they are done, and an assignment's clean re-check starts as soon as its last run
+    is done."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     options, workdir = run.options, run.workdir
-    collected = [e for e in todo
-                 if _guarded(e, workdir, _autograde, e, workdir, run.cfg, False)]
-    _collect_probes(run, collected)
-    run.phase("collect")
     jobs = options.jobs or default_jobs(options.limits)
-    pending = run.plan.pending()
-    bar = _bar(len(pending), "grading", options.progress)
-    elapsed: dict[tuple[str, str], float] = {}
-    lock = threading.Lock()
+    bar = _bar(0, "grading", options.progress)
+    waiting: dict[Any, tuple[Entry, PlannedRun]] = {}
+    left: dict[int, int] = {}                  # id(entry) -> runs not done
+    by_assignment: dict[str, list[Entry]] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
 
-    def done(planned: PlannedRun, result: RunResult) -> None:
-        with lock:
-            key = planned.key[:2]
-            elapsed[key] = elapsed.get(key, 0.0) + result.elapsed
-            bar.set_postfix_str(planned.name, refresh=False)
-            bar.update(1)
+    def finished(future: Any) -> None:
+        e, planned = waiting.pop(future)
+        e.elapsed += future.result().elapsed
+        bar.set_postfix_str(planned.name, refresh=False)
+        bar.update(1)
+        left[id(e)] -= 1
+        if left[id(e)] == 0:  # all its runs are done: nbgrader can replay it
+            _guarded(e, workdir, _autograde, e, workdir, run.cfg, True)
+            group = by_assignment[e.assignment]
+            if all(left[id(x)] == 0 for x in group) and collecting_done:
+                _recheck_go(run, e.assignment, group)
 
+    collecting_done = False
     try:
-        run_plan(run.plan, run.box, jobs, run.codes, done)
+        for e in todo:
+            if not _guarded(e, workdir, _autograde, e, workdir, run.cfg, False):
+                continue
+            planned = _planned_runs(run, e)
+            if e.assignment in run.rechecks:
+                run.rechecks[e.assignment].watch([p.answers for p in planned])
+            by_assignment.setdefault(e.assignment, []).append(e)
+            left[id(e)] = len(planned)
+            for p in sorted(planned, key=lambda p: p.kind != "notebook"):
+                if p.code not in run.codes:  # made while the first notebooks run
+                    _probe_library(run, e.assignment, scratch)
+                waiting[pool.submit(execute, run.plan, run.box, p, run.codes)] = (e, p)
+            if hasattr(bar, "total"):
+                bar.total += len(planned)
+                bar.refresh()
+            for future in [f for f in list(waiting) if f.done()]:
+                finished(future)
+        collecting_done = True
+        run.phase("collect")
+        for a, group in by_assignment.items():
+            if all(left[id(x)] == 0 for x in group):
+                _recheck_go(run, a, group)
+        while waiting:
+            done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(future)
     finally:
+        pool.shutdown(wait=True)
         bar.close()
     run.phase("notebooks")
-    for e in collected:
-        if _guarded(e, workdir, _autograde, e, workdir, run.cfg, True):
-            e.elapsed = elapsed.get((e.student, e.assignment), 0.0)
-    run.phase("replay")
+
+
+def _planned_runs(run: _Run, e: Entry) -> list[PlannedRun]:
+    """The runs nbgrader collected for ``e``, and its probe runs."""
+    out = []
+    for name in e.notebooks:
+        main = run.plan.load((e.student, e.assignment, name))
+        if main is None:
+            continue
+        out.append(main)
+        module = run.modules.get(e.assignment)
+        if getattr(module, "PROBES", None):
+            nb = probing.probe_notebook(main.notebook, e.assignment, module.PROBES)
+            answers = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
+                                  ".probe.jsonl")
+            probe = PlannedRun(main.key, nb, answers, kind="probe",
+                               code=_probe_code(e.assignment))
+            run.plan.collect(probe)
+            out.append(probe)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The clean re-check, started early (autograder/recheck.py)
+
+
+class _Recheck:
+    """``python -m autograder.recheck``: the clean re-check of one assignment, getting
+    ready while the notebooks run; :meth:`go` hands it the answers files."""
+
+    def __init__(self, course: Course, assignment: str, scratch: str):
+        self.assignment = assignment
+        self.args = [assignment, "--batch", "--memory-mb", str(VERIFY_MEMORY_MB)]
+        for d in course.extra_checks_dirs():
+            self.args += ["--checks-path", d]
+        env = {k: v for k, v in os.environ.items() if k != "PARALAB_ANSWERS"}
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # what torch caches in the temporary folder goes with the grading run's own
+        env["TMPDIR"] = tempfile.mkdtemp(prefix=f"recheck-{assignment}-", dir=scratch)
+        self.stderr = tempfile.TemporaryFile(dir=scratch)
+        self.proc = subprocess.Popen([sys.executable, "-m", "autograder.recheck"] + self.args,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=env)
+        self.files: list[str] | None = None
+        self._module: Any = False
+
+    def module(self) -> Any:
+        """What the check module declares (GRADE_CELLS, RELEASE_FILES, PROBES), as the
+        re-check process loaded it; None when it could not."""
+        if self._module is False:
+            self._module = None
+            try:
+                line = self.proc.stdout.readline()
+                data = json.loads(line).get("module") if line else None
+            except (OSError, ValueError, AttributeError):
+                data = None
+            if isinstance(data, dict):
+                from types import SimpleNamespace
+
+                from .checks import Probe
+                self._module = SimpleNamespace(
+                    __name__=f"autograder.checks.{self.assignment}",
+                    GRADE_CELLS=data["GRADE_CELLS"], RELEASE_FILES=data["RELEASE_FILES"],
+                    PROBES={k: Probe(tuple(p["cells"]), p["call"], tuple(p["unavailable"]))
+                            for k, p in data["PROBES"].items()})
+        return self._module
+
+    def _send(self, command: dict) -> None:
+        if self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+
+    def watch(self, files: list[str]) -> None:
+        """Answers files that runs are about to write: checked as they grow."""
+        self._send({"watch": files})
+
+    def go(self, files: list[str]) -> None:
+        if self.files is not None:
+            return
+        self.files = files
+        self._send({"verify": files})
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.stdin = None  # closed: communicate() must not touch it
+
+    def result(self) -> dict | None:
+        """Like the re-check the grader runs itself: the parsed output, None when it
+        failed; a course error ends the grading run."""
+        if not self.files:
+            return None
+        try:
+            out, _ = self.proc.communicate(timeout=120 + 30 * len(self.files))
+        except subprocess.TimeoutExpired:
+            self.close()
+            return None
+        self.stderr.seek(0)
+        err = self.stderr.read().decode("utf-8", "replace")
+        if self.proc.returncode != 0:
+            if self.proc.returncode == 2 and "course error" in err:
+                raise GradingError(err.strip().splitlines()[-1])
+            return None
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.stdin = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def _answers_files(root: str, assignment: str, group: list[Entry]) -> dict[str, tuple]:
+    """answers file -> (student, notebook), as the clean re-check takes them."""
+    return {report_path(root, "answers", e.student, assignment, name, ".jsonl"):
+            (e.student, name) for e in group for name in e.notebooks}
+
+
+def _recheck_go(run: _Run, assignment: str, group: list[Entry]) -> None:
+    helper = run.rechecks.get(assignment)
+    files = _answers_files(run.workdir.root, assignment, group)
+    if helper is not None and files:
+        helper.go(sorted(files))
+
+
+def _recheck(run: _Run, assignment: str, group: list[Entry]) -> dict[tuple[str, str], dict]:
+    """The clean verdicts of ``group``: from the re-check started early when it got
+    exactly these files and succeeded, otherwise from :func:`_verify`."""
+    helper = run.rechecks.pop(assignment, None)
+    files = _answers_files(run.workdir.root, assignment, group)
+    results = None
+    if helper is not None:
+        try:
+            if helper.files is not None and set(files) <= set(helper.files):
+                results = helper.result()
+        finally:
+            helper.close()
+    if results is None or not all(p in results for p in files):
+        return _verify(run.course, assignment, group, run.workdir.root, run.options)
+    return {files[p]: results[p] for p in files}
 
 
 def _overrides(course: Course, options: GradeOptions, plan: str) -> dict[str, Any]:
@@ -394,47 +587,24 @@ def _bar(total: int, desc: str, enabled: bool):
 # Originality probes (autograder/probes.py): runs of their own, on the same pool
 
 
-def _probe_libraries(run: _Run, scratch: str) -> None:
-    """For each assignment with PROBES, a copy of the course code whose library lacks the
-    reference implementations the probes make unavailable (made once per grading run)."""
+def _probe_library(run: _Run, assignment: str, scratch: str) -> None:
+    """The copy of the course code whose library lacks the reference implementations that
+    the assignment's PROBES make unavailable (made once per grading run)."""
     from .coursecode import paralab_dir
-    for a, module in sorted(run.modules.items()):
-        names = probing.unavailable_names(module)
-        if not getattr(module, "PROBES", None):
-            continue
-        try:
-            stripped = probing.strip_library(paralab_dir(), names,
-                                             os.path.join(scratch, "stripped", a))
-        except probing.ProbeError as err:
-            raise GradingError(f"course error: PROBES of autograder/checks/{a}.py: "
-                               f"{err}") from None
-        run.codes[_probe_code(a)] = CourseCode.build(
-            os.path.join(scratch, "code", _probe_code(a)), run.course.extra_checks_dirs(),
-            library=stripped)
+    module = run.modules[assignment]
+    try:
+        stripped = probing.strip_library(paralab_dir(), probing.unavailable_names(module),
+                                         os.path.join(scratch, "stripped", assignment))
+    except probing.ProbeError as err:
+        raise GradingError(f"course error: PROBES of autograder/checks/{assignment}.py: "
+                           f"{err}") from None
+    run.codes[_probe_code(assignment)] = CourseCode.build(
+        os.path.join(scratch, "code", _probe_code(assignment)), run.course.extra_checks_dirs(),
+        library=stripped)
 
 
 def _probe_code(assignment: str) -> str:
     return f"probe:{assignment}"
-
-
-def _collect_probes(run: _Run, entries: list[Entry]) -> None:
-    """Add each collected submission's probe notebook to the plan: the cells its
-    assignment's PROBES need, as nbgrader is about to run them, and the recording cell.
-    Its answers go to ``<notebook>.probe.jsonl`` next to the notebook's answers."""
-    collected = {r.key: r for r in run.plan.pending() if r.kind == "notebook"}
-    for e in entries:
-        module = run.modules.get(e.assignment)
-        if not getattr(module, "PROBES", None):
-            continue
-        for name in e.notebooks:
-            main = collected.get((e.student, e.assignment, name))
-            if main is None:
-                continue
-            nb = probing.probe_notebook(main.notebook, e.assignment, module.PROBES)
-            answers = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
-                                  ".probe.jsonl")
-            run.plan.collect(PlannedRun(main.key, nb, answers, kind="probe",
-                                        code=_probe_code(e.assignment)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from autograder.bwrap import bwrap_status
 from autograder.course import Course, generate
 from autograder.events import Emitter, Reader
 from autograder.limits import Limits, describe_fields, option_name
-from autograder.preprocessors import ExecutionPlan, PlannedRun
+from autograder.plan import ExecutionPlan, PlannedRun
 from autograder.sandbox import RunResult
 from autograder.submissions import STUDENT_ID, student_id
 from autograder.trees import remove_tree, tree_size
