@@ -1,8 +1,9 @@
 """nbgrader preprocessors of the course (registered in ``autograder/nbgrader_config.py``).
 
 * :class:`SandboxedExecute` replaces nbgrader's ``Execute`` in ``Autograde``: the notebook
-  runs in :mod:`autograder.sandbox` instead of a kernel of the grading process, and the
-  answers it recorded are kept for the clean re-check.
+  runs in :mod:`autograder.sandbox` instead of a kernel of the grading process, through the
+  execution plan of :mod:`autograder.plan` (collected, run on the grader's pool, replayed),
+  and the answers it recorded are kept for the clean re-check.
 * :class:`FeedbackCleanup` runs after ``ClearHiddenTests`` in ``GenerateFeedback``: test
   cells keep only their final error message (no traceback frames quoting test code), hidden
   test cells show only the clean verdict, and any line of hidden test source that still

@@ -3,13 +3,13 @@
     python -m autograder.recheck ASSIGNMENT [options of autograder.verify]
 
 The re-check (``python -m autograder.verify``) of a submission costs seconds before it reads
-a single answer (importing SymPy, torch, the library and the check module; starting the
-process server the multi-process checks fork their ranks from) and seconds more for the
-checks that run real processes.  ``grade`` starts this process as soon as it knows which
-assignments it grades, so that all of this happens while the notebooks run:
+a single answer (importing SymPy, torch, the library and the check module) and seconds
+more for the checks that run real processes.  ``grade`` starts this process as soon as it
+knows which assignments it grades, at the notebooks' priority, so that all of this happens
+while the notebooks run:
 
-1. it gets ready as the re-check would (memory limit first, then the imports, then the
-   process server) and prints one line, the check module's ``GRADE_CELLS``,
+1. it gets ready as the re-check would (memory limit first, then the imports) and prints
+   one line, the check module's ``GRADE_CELLS``,
    ``RELEASE_FILES`` and ``PROBES`` as JSON (``{"module": null}`` when it cannot load it),
    so that the grader itself need not import the check module;
 2. it reads JSON lines on stdin: ``{"watch": [file, ...]}`` names answers files as the
@@ -48,16 +48,15 @@ def _option(argv: list[str], name: str) -> list[str]:
 
 
 def prepare(argv: list[str]) -> Any:
-    """What the re-check does before it reads answers, done now (but starting the process
-    server, see :func:`main`); the check module (None when it cannot be loaded here)."""
+    """What the re-check does before it reads answers, done now; the check module (None
+    when it cannot be loaded here)."""
     from autograder import verify
 
     memory = _option(argv, "--memory-mb")
     limit = getattr(verify, "_limit_memory", None)
     if memory and limit is None:
         return None  # the limit could not be applied first: get nothing ready ahead of it
-    if memory:
-        # before anything starts a process: the re-check's ranks inherit its limit
+    if memory:  # first, as the re-check does: the processes its checks start inherit it
         limit(int(memory[-1]))
     import autograder.checks as checks
     for directory in _option(argv, "--checks-path"):
@@ -66,19 +65,6 @@ def prepare(argv: list[str]) -> Any:
         return verify.load_module(argv[0])
     except Exception:  # noqa: BLE001 - verify.main reports it
         return None
-
-
-def _start_process_server() -> None:
-    """The process server ``paralab.launch`` forks ranks from, with torch imported."""
-    try:
-        from paralab import launch
-        context = getattr(launch, "_context", None)
-        if context is None or context().get_start_method() != "forkserver":
-            return
-        from multiprocessing import forkserver
-        forkserver.ensure_running()
-    except Exception:  # noqa: BLE001 - only an optimisation
-        pass
 
 
 def describe(module: Any) -> dict | None:
@@ -218,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m autograder.recheck ASSIGNMENT [verify options]",
               file=sys.stderr)
         return 2
+    try:  # work ahead, at the priority of the notebooks it waits for
+        os.nice(10)
+    except OSError:
+        pass
     module = prepare(argv)
     print(json.dumps({"module": describe(module)}), flush=True)  # the grader waits for it
-    if module is not None:
-        _start_process_server()
     ahead = Ahead(module) if module is not None else None
     files = _commands(ahead)
     if not files:
