@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -331,7 +332,7 @@ def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
     submission's runs start as soon as nbgrader has collected it, it is replayed as soon
     as they are done, and an assignment's clean re-check starts as soon as its last run
     is done."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     options, workdir = run.options, run.workdir
     jobs = options.jobs or default_jobs(options.limits)
@@ -339,7 +340,7 @@ def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
     waiting: dict[Any, tuple[Entry, PlannedRun]] = {}
     left: dict[int, int] = {}                  # id(entry) -> runs not done
     by_assignment: dict[str, list[Entry]] = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    pool = _started_pool(max(1, jobs))
 
     def finished(future: Any) -> None:
         e, planned = waiting.pop(future)
@@ -354,6 +355,7 @@ def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
                 _recheck_go(run, e.assignment, group)
 
     collecting_done = False
+    restore = _share_with_notebooks()
     try:
         for e in todo:
             if not _guarded(e, workdir, _autograde, e, workdir, run.cfg, False):
@@ -384,7 +386,41 @@ def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
     finally:
         pool.shutdown(wait=True)
         bar.close()
+        restore()
     run.phase("notebooks")
+
+
+def _started_pool(jobs: int) -> Any:
+    """A pool whose threads all exist already (a thread starts with the priority of the
+    thread that starts it: see _share_with_notebooks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    barrier = threading.Barrier(jobs + 1)
+    for _ in range(jobs):
+        pool.submit(barrier.wait)
+    barrier.wait()
+    return pool
+
+
+def _share_with_notebooks() -> Callable[[], None]:
+    """While notebooks run, this thread's nbgrader work (collecting and replaying the
+    other submissions) runs at the notebooks' priority, not above it; the pool's threads,
+    which watch the notebooks' limits, keep theirs.  Returns how to undo it (possible as
+    root only)."""
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, max(before, 10))
+    except (AttributeError, OSError):
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:
+            pass
+    return restore
 
 
 def _planned_runs(run: _Run, e: Entry) -> list[PlannedRun]:
