@@ -35,8 +35,41 @@ needs_bwrap = pytest.mark.skipif(
     BWRAP is None, reason=f"{WHY}: the sandboxed grading tests need bubblewrap "
                           f"(apt-get install bubblewrap)")
 WORK_MB = 64
-LIMITS = ["--cell-timeout", "10", "--notebook-timeout", "90", "--memory-mb", "2048",
-          "--max-procs", "128", "--work-size-mb", str(WORK_MB)]
+WORLD = """
+import time
+import torch.distributed as dist
+from paralab.launch import run
+
+
+def one(rank, world_size):
+    dist.barrier()
+    return rank
+
+
+start = time.monotonic()
+run(one, 2, timeout=120)
+print(time.monotonic() - start)
+"""
+
+
+def _cell_timeout() -> str:
+    """The toy's 2-rank cell starts a world in 2-4 s on an idle machine: 10 s per cell
+    then leaves room, and keeps the deliberate timeouts of the corpus short.  On a loaded
+    machine the same world takes longer: the limit grows with a world started now, from a
+    fresh process as the notebook's is (three times its start-up time, at least 10 s)."""
+    proc = subprocess.run([sys.executable, "-c", WORLD], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        seconds = float(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return "10"
+    return str(max(10, round(3 * seconds)))
+
+
+@pytest.fixture(scope="session")
+def limits():
+    return ["--cell-timeout", _cell_timeout(), "--notebook-timeout", "90", "--memory-mb",
+            "2048", "--max-procs", "128", "--work-size-mb", str(WORK_MB)]
 DEADLOCK = ("q5_answer", "import time\nimport torch.distributed as dist\n\n\n"
                          "def rank_sum(rank, world_size):\n"
                          "    t = torch.tensor([rank + 1.0])\n"
@@ -55,9 +88,9 @@ CASES = ["correct", "release", "exception", "syntax_error", "infinite_loop",
 ORDINARY = ["correct", "exception", "bob", "carol"]  # graded alone, one at a time
 
 
-def grade(submissions, out, course_root, *extra, env=None, tmpdir=None):
+def grade(submissions, out, course_root, limits, *extra, env=None, tmpdir=None):
     cmd = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
-           "--course-root", str(course_root), *LIMITS, *extra]
+           "--course-root", str(course_root), *limits, *extra]
     if tmpdir is not None:  # where the grader's own temporary files go
         env = dict(env or os.environ, TMPDIR=str(tmpdir))
     t0 = time.monotonic()
@@ -105,7 +138,7 @@ def ordinary_students(release, source):
 
 
 @pytest.fixture(scope="session")
-def batch(toy, tmp_path_factory):
+def batch(toy, limits, tmp_path_factory):
     """The whole corpus and the ordinary students, graded in one run."""
     if BWRAP is None:
         pytest.skip(f"{WHY}: the sandboxed grading tests need bubblewrap")
@@ -136,7 +169,7 @@ def batch(toy, tmp_path_factory):
     cases += ordinary_students(release, source)
     for case in cases:
         corpus.write_case(case, str(klass), "toy")
-    proc = grade(klass, out, course.root, "--jobs", "2", tmpdir=scratch)
+    proc = grade(klass, out, course.root, limits, "--jobs", "2", tmpdir=scratch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"course": course, "out": str(out), "class": str(klass), "proc": proc,
             "cases": {c.student: c for c in cases}, "write_paths": write_paths,
@@ -293,7 +326,7 @@ def _test_cells(html_text):
 
 
 @needs_bwrap
-def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path):
+def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, limits, tmp_path):
     archive = tmp_path / "class.zip"
     release, source = corpus.load_pair(
         os.path.join(batch["course"].assignments_dir, "toy", "toy.ipynb"),
@@ -306,7 +339,7 @@ def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path)
         info = zipfile.ZipInfo("submissions/../../escape.ipynb")
         z.writestr(info, "{}")
     out = tmp_path / "out"
-    proc = grade(archive, out, batch["course"].root, "--no-progress")
+    proc = grade(archive, out, batch["course"].root, limits, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped zip member 'submissions/../../escape.ipynb'" in proc.stderr
     alone, together = by_student(out), by_student(batch["out"])
@@ -331,7 +364,7 @@ def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path)
                       str(again), "toy")
     corpus.write_case(corpus.Case("dave", {"toy.ipynb": corpus.dumps(release)}, "", 0, ""),
                       str(again), "toy")
-    proc = grade(again, out, batch["course"].root, "--no-progress")
+    proc = grade(again, out, batch["course"].root, limits, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(out)
     assert len(table) == len({(r["student"], r["assignment"]) for r in table}) == 7
