@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 MAX_EVENT_BYTES = 8 * 2**20
 END_STATUSES = ("completed", "unresponsive", "kernel died", "work dir full", "error")
@@ -132,8 +131,3 @@ class Reader:
             p.reason = str(event.get("reason") or "")[:500]
             if index is not None:
                 p.running = index
-
-
-def as_dict(p: Progress) -> dict[str, Any]:
-    return {"cells": {str(k): v for k, v in p.cells.items()}, "running": p.running,
-            "interrupted": p.interrupted, "end": p.end, "reason": p.reason}

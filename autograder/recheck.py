@@ -13,12 +13,13 @@ while the notebooks run:
    ``RELEASE_FILES`` and ``PROBES`` as JSON (``{"module": null}`` when it cannot load it),
    so that the grader itself need not import the check module;
 2. it reads JSON lines on stdin: ``{"watch": [file, ...]}`` names answers files as the
-   runs write them; it checks each answer as it appears, and keeps the verdict (a check
-   is a deterministic function of the answer: the same answer gets the same verdict);
+   runs write them; it checks each answer as it appears, and keeps the verdict when it is
+   a pass (a check is a function of the answer: the same answer passes again; a failure
+   may come from the notebooks taking the CPU, so it is not kept);
 3. ``{"verify": [file, ...]}``, once every run is done, ends the input: it calls
    :func:`autograder.verify.main` with the arguments it was started with plus those files,
-   exactly as ``python -m autograder.verify`` would, except that a check of an answer it
-   has already checked, byte for byte the same, gives the verdict it kept.
+   exactly as ``python -m autograder.verify`` would, except that a check of an answer that
+   already passed, byte for byte the same, gives the verdict it kept.
 
 Anything that goes wrong while getting ready is left for :func:`autograder.verify.main` to
 report as it always does.  This process never runs anything of a submission: it reads
@@ -140,7 +141,11 @@ class Ahead:
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
-        self.verdicts[(key, same)] = verdict
+        # only a pass is kept: a check that runs processes can fail here for want of CPU
+        # (the notebooks run at the same time), never pass for that reason; a failure is
+        # checked again by the re-check proper
+        if verdict.passed:
+            self.verdicts[(key, same)] = verdict
 
     def install(self) -> None:
         """From now on, a check of an answer already checked gives its kept verdict."""
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m autograder.recheck ASSIGNMENT [verify options]",
               file=sys.stderr)
         return 2
-    try:  # work ahead, at the priority of the notebooks it waits for
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    try:  # work ahead at the priority of the notebooks it waits for...
         os.nice(10)
     except OSError:
         pass
@@ -217,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if ahead is not None:
         ahead.install()
+    try:  # ...and the re-check proper at the grader's (possible as root only)
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:
+        pass
     from autograder import verify
     return verify.main(argv + files)
 

@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import bwrap as bw
-from .bwrap import (COURSE_IN_SANDBOX, WORK_IN_SANDBOX, Bwrap, bwrap_status,  # noqa: F401
-                    sandbox_warning)
+from .bwrap import COURSE_IN_SANDBOX, WORK_IN_SANDBOX, Bwrap, sandbox_warning
 from .coursecode import CourseCode
 from .events import Reader
 from .limits import LIMITS_ENV, Limits, mb_text
-from .processes import (DEFAULT_SANDBOX_UID, MARKER_ENV, PidsCgroup, Tree,  # noqa: F401
-                        UidLease, list_processes, proportional_memory, set_child_subreaper,
+from .processes import (DEFAULT_SANDBOX_UID, MARKER_ENV, PidsCgroup, Tree, UidLease,
+                        list_processes, proportional_memory, set_child_subreaper,
                         tasks_of_uid)
 from .trees import remove_tree
 
