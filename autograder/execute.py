@@ -104,22 +104,21 @@ def apply_limits(job: Job) -> None:
         pass
 
 
-SIGNALLED: list[int] = []
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def protect_runner() -> None:
-    """Signals the kernel may send its runner are noted and otherwise ignored.  (As pid 1
-    of a pid namespace, a signal without a handler is not even delivered; SIGKILL and
-    SIGSTOP from inside the namespace never are.)  The kernel starts with the default
-    handlers: exec resets caught signals."""
-    def note(signum, frame):
-        SIGNALLED.append(signum)
+    """Signals the kernel may send its runner do nothing.  (As pid 1 of a pid namespace a
+    signal without a handler is not even delivered, and SIGKILL and SIGSTOP from inside
+    the namespace never are; Python's own SIGINT handler would raise.)  A handler, not
+    SIG_IGN: exec resets caught signals, so the kernel starts with the default ones."""
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
                  "SIGTSTP", "SIGTTIN", "SIGTTOU"):
         sig = getattr(signal, name, None)
         if sig is not None:
             try:
-                signal.signal(sig, note)
+                signal.signal(sig, _ignore)
             except (OSError, ValueError):
                 pass
 

@@ -195,3 +195,41 @@ def test_any_folder_name_gets_a_stable_safe_id():
     assert len(set(ids)) == len(ids)
     assert ids == [student_id(n) for n in names]
     assert ids[1].startswith("zoe-") and ids[2].startswith("ann-marie-")
+
+
+# ---------------------------------------------------------------------------------------
+# The clean re-check, started ahead
+
+
+def test_the_recheck_started_ahead_says_exactly_what_verify_says(tmp_path):
+    """autograder.recheck gets ready, checks answers as they are written (a pass is kept,
+    a failure checked again), then gives what python -m autograder.verify gives."""
+    checks_dir = os.path.join(FIXTURE, "autograder", "checks")
+    early, late = tmp_path / "early.jsonl", tmp_path / "late.jsonl"
+    first = ['{"key": "product", "value": 42}', '{"key": "double_visible", "value": 5}']
+    early.write_text("\n".join(first) + "\n")
+    args = ["mini", "--batch", "--memory-mb", "2048", "--checks-path", checks_dir]
+    helper = subprocess.Popen([sys.executable, "-m", "autograder.recheck", *args],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    described = json.loads(helper.stdout.readline())["module"]
+    assert described["GRADE_CELLS"] == {"test_product": ["product"],
+                                        "test_double": ["double_visible", "double_hidden"]}
+    helper.stdin.write(json.dumps({"watch": [str(early), str(late)]}) + "\n")
+    helper.stdin.flush()
+    # written after the helper started watching: the last record of a key wins
+    with open(early, "a") as f:
+        f.write('{"key": "double_visible", "value": 6}\n{"key": "double_hidden", "val')
+    late.write_text('{"key": "double_hidden", "value": [0, -8, 2000000, 5.0]}\n'
+                    '{"key": "product", "value": "42"}\n')
+    with open(early, "a") as f:
+        f.write('ue": [0, -8, 2000000, 5.0]}\n')
+    helper.stdin.write(json.dumps({"verify": [str(early), str(late)]}) + "\n")
+    helper.stdin.close()
+    ahead = json.loads(helper.stdout.read())
+    assert helper.wait() == 0
+    plain = subprocess.run([sys.executable, "-m", "autograder.verify", *args, str(early),
+                            str(late)], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    assert ahead == json.loads(plain.stdout)
+    assert ahead[str(early)]["test_double"]["passed"] is True
+    assert ahead[str(late)]["test_product"]["passed"] is False  # "42" is not 42
