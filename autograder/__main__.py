@@ -21,9 +21,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .sandbox import DEFAULT_SANDBOX_UID, Limits
+    from .limits import describe_fields, option_name
+    from .processes import DEFAULT_SANDBOX_UID
 
-    d = Limits()
     top = argparse.ArgumentParser(prog="python -m autograder",
                                   description="Generate, check and grade the course's "
                                               "nbgrader assignments.")
@@ -60,21 +60,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="run notebooks without bubblewrap, silently (limits still apply)")
     box.add_argument("--require-sandbox", action="store_true",
                      help="fail instead of running without bubblewrap")
-    p.add_argument("--cell-timeout", type=float, default=d.cell_timeout,
-                   help=f"seconds per cell before the kernel is interrupted ({d.cell_timeout:g})")
-    p.add_argument("--notebook-timeout", type=float, default=d.notebook_timeout,
-                   help=f"wall-clock seconds per notebook ({d.notebook_timeout:g})")
-    p.add_argument("--memory-mb", type=int, default=d.memory_mb,
-                   help=f"memory of a notebook's processes, MiB ({d.memory_mb})")
-    p.add_argument("--max-procs", type=int, default=d.max_procs,
-                   help=f"processes and threads of a notebook ({d.max_procs})")
-    p.add_argument("--cpu-seconds", type=int, default=d.cpu_seconds,
-                   help="CPU seconds per process (default: twice the notebook timeout)")
+    limits = p.add_argument_group("limits of each notebook (0 disables one)")
+    for name, kind, default, text, unit in describe_fields():
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        limits.add_argument(option_name(name), type=kind, default=default, metavar="N",
+                            help=f"{text} ({shown}{' ' + unit if unit else ''})")
     p.add_argument("--sandbox-uid", type=int, default=DEFAULT_SANDBOX_UID,
                    help=f"as root, notebooks run as the first uid from this one on that no "
                         f"process uses and no other grading run holds ({DEFAULT_SANDBOX_UID})")
-    p.add_argument("--jobs", "-j", type=int, default=1,
-                   help="notebooks run at the same time (1)")
+    p.add_argument("--jobs", "-j", type=int, default=0,
+                   help="notebooks run at the same time (default: one per core, as many "
+                        "as fit in the available memory at their limits)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export", help="rewrite OUT/grades.csv from OUT's gradebook (e.g. "
@@ -83,7 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     return top
 
 
+def _skip_iri_parser() -> None:
+    """jsonschema checks the "iri" formats with rfc3987-syntax when it is installed, which
+    builds a parser when imported: 3 to 4 s of this command's start, before nbformat can
+    validate a notebook.  No notebook schema uses those formats: keep it out."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)  # importing it raises ImportError
+
+
 def main(argv: list[str] | None = None) -> int:
+    _skip_iri_parser()
     args = _parser().parse_args(argv)
     try:
         return _run(args)
@@ -152,14 +157,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _grade(args: argparse.Namespace, root: str) -> int:
     from .grading import GradeOptions, GradingError, grade
-    from .sandbox import Limits
+    from .limits import Limits, describe_fields, option_name
 
-    for name in ("cell_timeout", "notebook_timeout", "jobs"):
+    for name in ("cell_timeout", "notebook_timeout"):
         if getattr(args, name) <= 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be positive")
-    limits = Limits(cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
-                    memory_mb=args.memory_mb, max_procs=args.max_procs,
-                    cpu_seconds=args.cpu_seconds)
+            raise _UsageError(f"{option_name(name)} must be positive")
+    if args.jobs < 0:
+        raise _UsageError("--jobs must be positive (or 0: as many as the machine can run)")
+    try:
+        limits = Limits(**{name: getattr(args, name) for name, *_ in describe_fields()})
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
     mode = "none" if args.no_sandbox else ("bwrap" if args.require_sandbox else "auto")
     options = GradeOptions(course_root=root, out=args.out, sandbox=mode, limits=limits,
                            sandbox_uid=args.sandbox_uid, progress=not args.no_progress,

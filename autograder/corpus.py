@@ -213,6 +213,7 @@ class Case:
     forbidden: list[str] = field(default_factory=list)  # text that must not appear in the
     # autograded notebook or the feedback (proof that an attack did not work)
     unsafe_html: list[str] = field(default_factory=list)  # must not reach the feedback HTML
+    corrupt_in_zip: bool = False  # written into a zip by write_zip with a damaged CRC
 
 
 PROBE_LEAK = "LEAKED:"
@@ -282,7 +283,7 @@ MONKEYPATCH = '''\
 import numpy, sympy, torch, torch.testing
 import autograder.checks as _checks
 from autograder.checks import {assignment} as _mine
-_mine.check = lambda key, value: print("\\u2713", key, "correct")
+_mine.check = lambda key, value: print("\\u2713", key + ":", "correct")
 _checks.run_check = lambda *a, **k: _checks.Verdict(True, "correct")
 _checks.answer = lambda key, value: None
 numpy.isclose = lambda *a, **k: True
@@ -313,6 +314,81 @@ OUTPUT_FLOOD = ("from IPython.display import HTML, display\n"
                 "display(HTML('<scr' + 'ipt>document.title = \"owned\"</scr' + 'ipt>'))\n"
                 "print('x' * 20_000_000)\nfor _ in range(2000):\n    print('y' * 1000)\n")
 UNSAFE_HTML = '<script>document.title = "owned"</script>'
+# A tree a few thousand levels deep, with a locked directory at the bottom: whatever
+# removes the work directory must not recurse once per level or give up on permissions.
+DEEP_TREE = ("import os\n"
+             "_top = os.getcwd()\n"
+             "for _ in range(3000):\n"
+             "    os.mkdir('d')\n"
+             "    os.chdir('d')\n"
+             "os.mkdir('locked')\n"
+             "os.chmod('locked', 0)\n"
+             "os.chdir(_top)\n"
+             "print('built a tree 3000 levels deep')\n")
+# The kernel's parent is the grader's runner: it must survive being signalled (or, without
+# a pid namespace, its death must be put down to the notebook).  Never pid 1 itself: without
+# bubblewrap that is the machine's init.
+KILL_RUNNER = ("import os, signal, time\n"
+               "_runner = os.getppid()\n"
+               "for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):\n"
+               "    try:\n"
+               "        os.kill(_runner, _sig)\n"
+               "    except Exception as _e:\n"
+               "        print(type(_e).__name__)\n"
+               "    time.sleep(0.3)\n"
+               "print('the runner is still there')\n")
+# What the sandbox shows of the machine it runs on.
+HOST_PATHS = ("import glob, os, sys, traceback\n"
+              "def _show(_path):\n"
+              "    try:\n"
+              "        with open(_path, 'rb') as _f:\n"
+              "            print(_path, _f.read(50000).decode('utf-8', 'replace'))\n"
+              "    except Exception as _e:\n"
+              "        print(_path, type(_e).__name__)\n"
+              "_site = glob.glob(sys.prefix + '/lib/python*/site-packages/')\n"
+              "for _p in ['/proc/self/mountinfo', '/proc/1/cmdline', '/proc/1/environ',\n"
+              "           '/proc/self/cmdline', '/proc/self/environ', '/etc/hosts',\n"
+              "           sys.prefix + '/pyvenv.cfg'] + sorted(\n"
+              "        _q for _s in _site for _pat in ('*.pth', '__editable__*',\n"
+              "                                         '*/direct_url.json', '*.egg-link')\n"
+              "        for _q in glob.glob(_s + _pat)):\n"
+              "    _show(_p)\n"
+              "print(sys.executable, sys.path, os.getcwd(), dict(os.environ))\n"
+              "import paralab\n"
+              "from paralab import schedules\n"
+              "print(paralab.__file__)\n"
+              "try:\n"
+              "    schedules.gpipe(0, 1)\n"
+              "except Exception:\n"
+              "    traceback.print_exc(file=sys.stdout)\n")
+NAMES = ("zoë", "ann marie", "张三")
+
+
+def disk_filler(total_mb: int) -> str:
+    """Writes ``total_mb`` MiB in 4 MiB files (each under the per-file limit)."""
+    return ("for _i in range(%d):\n"
+            "    with open(f'fill-{_i}.bin', 'wb') as _f:\n"
+            "        _f.write(b'x' * (4 * 2**20))\n"
+            "print('wrote %d MiB')\n" % (max(1, total_mb // 4), total_mb))
+
+
+def forged_record(key: str) -> str:
+    """Appends to the answers file a record of ``key`` holding an integer too large for
+    any float: the clean re-check must fail that check and nothing else."""
+    return ("import json, os\n"
+            f"_record = {{'key': {key!r}, 'value': {{'tensor': [[10 ** 400]], "
+            f"'dtype': 'float32', 'shape': [1, 1]}}}}\n"
+            "with open(os.environ['PARALAB_ANSWERS'], 'a') as _f:\n"
+            "    _f.write(json.dumps(_record) + '\\n')\n")
+
+
+def oversized(nb: Any, size: int) -> bytes:
+    """``nb`` padded with a markdown cell to more than ``size`` bytes."""
+    padded = copy.deepcopy(nb)
+    cell = nbformat.v4.new_markdown_cell("x" * size)
+    cell["id"] = "padding"
+    padded.cells.append(cell)
+    return dumps(padded)
 
 
 def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any, *,
@@ -322,7 +398,11 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
                        secret_markers: list[str] = ("BEGIN HIDDEN TESTS", "BEGIN SOLUTION"),
                        depends: dict[str, list[str]] | None = None,
                        network: list[tuple[str, int]] = (("pypi.org", 443), ("1.1.1.1", 53)),
-                       prefix: str = "") -> list[Case]:
+                       prefix: str = "", sandboxed: bool = True,
+                       work_size_mb: int | None = None,
+                       hidden_paths: list[str] | None = None,
+                       forged: tuple[str, str] | None = None,
+                       max_notebook_bytes: int | None = None) -> list[Case]:
     """The standard corpus for one notebook of ``assignment``.
 
     ``deadlock``: (solution cell, code whose ranks hang) for the multi-process exercise;
@@ -333,7 +413,14 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
     where it is more than the tests that follow it (a later test reusing an earlier
     answer); the expected scores are computed from it.
     Whether a write reached the host must be checked on the host: inside the sandbox
-    ``/tmp`` is private and writable."""
+    ``/tmp`` is private and writable.
+
+    ``sandboxed``: graded with bubblewrap (what a notebook can do to its runner differs);
+    ``work_size_mb``: the work-directory limit of the run (adds a case that writes twice
+    as much); ``hidden_paths``: host paths no output may show (adds a case that prints
+    what the sandbox reveals; with bubblewrap only); ``forged``: (test cell, answer key)
+    for a case that records a crafted, unreadable answer for that key after that test;
+    ``max_notebook_bytes``: adds a notebook just over that size."""
     lay = Layout.of(source)
     if depends:
         lay.depends.update({k: list(v) for k, v in depends.items()})
@@ -403,7 +490,7 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
              "the notebook saved under another name", filename=f"{notebook} (1).ipynb"),
         case("monkeypatch", inject_cell(wrong_nb, MONKEYPATCH.format(assignment=assignment),
                                         start),
-             r"^graded; \d+ test cells? re-checked outside the notebook: kernel result not "
+             r"^graded; \d+ checks? re-checked outside the notebook: kernel result not "
              r"trusted$", lay.without(*sabotaged), "every answer wrong, every check helper "
                                                   "replaced"),
         case("read_secrets", inject_cell(good, read_probe(list(read_paths), list(search_paths),
@@ -420,7 +507,157 @@ def adversarial_corpus(assignment: str, notebook: str, release: Any, source: Any
         cases.append(case("deadlock", replace_solution(good, cell, code),
                           r"^graded; cell \d+ \([^)]*\) interrupted at the cell time limit$",
                           lay.without(cell), "ranks of the multi-process exercise hang"))
+    cases.append(case("deep_tree", inject_cell(good, DEEP_TREE, start), r"^graded$",
+                      lay.total, "leaves a directory tree 3000 levels deep in its work dir"))
+    if sandboxed:
+        cases.append(case("kill_runner", inject_cell(good, KILL_RUNNER, t1), r"^graded$",
+                          lay.total, "signals the grader's runner (pid 1 of the sandbox)"))
+    else:
+        cases.append(case("kill_runner", inject_cell(good, KILL_RUNNER, t1),
+                          r"^killed: the notebook's code killed the grader's runner \(SIGKILL\) "
+                          r"in cell \d+$", lay.tests[t1],
+                          "kills the grader's runner (same user without a sandbox)"))
+    for name in NAMES:
+        cases.append(case(name, good, r"^graded$", lay.total,
+                          "a student folder name nbgrader cannot use as an id"))
+    if work_size_mb:
+        cases.append(case("disk_filler", inject_cell(good, disk_filler(2 * work_size_mb), t1),
+                          rf"^killed: work directory limit \({work_size_mb} MiB\) in cell \d+$",
+                          lay.tests[t1], "writes twice the work directory's limit"))
+    if hidden_paths and sandboxed:
+        cases.append(case("host_paths", inject_cell(good, HOST_PATHS, start), r"^graded$",
+                          lay.total, "prints what the sandbox shows of the host",
+                          forbidden=list(hidden_paths)))
+    if forged is not None:
+        test, key = forged
+        cases.append(case("forged_record", inject_cell(good, forged_record(key), test),
+                          r"^graded; 1 check re-checked outside the notebook: kernel "
+                          r"result not trusted$", lay.total - lay.tests[test],
+                          "records an answer the codec cannot read as a float"))
+    if max_notebook_bytes:
+        cases.append(case("oversized", oversized(good, max_notebook_bytes),
+                          r"^malformed notebook \(larger than \d+ MiB\)$", 0.0,
+                          "a notebook over the size limit"))
     return cases
+
+
+# Switches off, for the call, any watch a grader might have set in the student's kernel.
+CLEARS_HOOKS = """import sys as _sys
+import threading as _threading
+
+
+def _unwatched(_f):
+    def _g(*_a, **_k):
+        _sys.setprofile(None)
+        _sys.settrace(None)
+        _threading.setprofile(None)
+        _threading.settrace(None)
+        return _f(*_a, **_k)
+    return _g
+"""
+# Rebinds every helper a test cell could use to watch or judge the student's function.
+REBINDS_HELPERS = """import sys as _sys
+import autograder.checks as _checks
+from autograder.checks import {assignment} as _mine
+_record = _checks.answer
+
+
+def _quiet_check(key, *value):  # records, never judges, never watches
+    if not value:  # check(key): the variable of that name
+        value = (_sys._getframe(1).f_globals[key],)
+    _record(key, value[0]() if callable(value[0]) and getattr(value[0], "__name__", "")
+            == "<lambda>" else value[0])
+
+
+_mine.check = _quiet_check
+for _name in dir(_mine):
+    if _name.startswith("without"):
+        setattr(_mine, _name, lambda call, *args, **kwargs: call())
+try:
+    import autograder.checks.originality as _originality
+    _originality.without = lambda functions, call: call()
+except ImportError:
+    pass
+"""
+
+
+def originality_cases(assignment: str, notebook: str, release: Any, source: Any, *,
+                      answer_cell: str, delegating: str, honest: str, delegating_score: float,
+                      honest_score: float, prefix: str = "") -> list[Case]:
+    """Submissions that call the library's reference implementation while switching off
+    what could notice it in their own kernel (the profiler hook, the check helpers), and an
+    honest one that uses the rest of the library in its answer.  ``delegating`` and
+    ``honest`` are the code of ``answer_cell``; the scores are the ones a delegation and an
+    honest answer must get (the originality checks lost or kept)."""
+    import ast
+    good = solved_notebook(release, source)
+    functions = [n.name for n in ast.parse(delegating).body
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    unwatched = CLEARS_HOOKS + "\n\n" + delegating + "\n" + "".join(
+        f"{name} = _unwatched({name})\n" for name in functions)
+    rebound = inject_cell(replace_solution(good, answer_cell, delegating),
+                          REBINDS_HELPERS.format(assignment=assignment), 0)
+
+    def case(student: str, nb: Any, score: float, about: str) -> Case:
+        return Case(prefix + student, {f"{notebook}.ipynb": dumps(nb)}, r"^graded(;|$)",
+                    score, about)
+
+    return [
+        case("probe_hook_cleared", replace_solution(good, answer_cell, unwatched),
+             delegating_score, "delegates to the library with the profiler switched off"),
+        case("probe_helper_rebound", rebound, delegating_score,
+             "delegates to the library with every check helper rebound"),
+        case("probe_honest", replace_solution(good, answer_cell, honest), honest_score,
+             "its own answer, which also runs the library's simulator"),
+    ]
+
+
+def zip_cases(assignment: str, notebook: str, release: Any, source: Any,
+              prefix: str = "") -> list[Case]:
+    """Cases that only a zip can hold: a member with a damaged CRC."""
+    good = solved_notebook(release, source)
+    return [Case(prefix + "corrupt_member", {f"{notebook}.ipynb": dumps(good)},
+                 rf"^corrupt archive member '{notebook}\.ipynb' \(", 0.0,
+                 "its notebook's CRC in the zip is wrong", corrupt_in_zip=True)]
+
+
+def write_zip(cases: list[Case], path: str, assignment: str, top: str = "submissions"
+              ) -> str:
+    """A class zip ``top/<student>/<assignment>/...`` of ``cases`` (members of the cases
+    marked ``corrupt_in_zip`` get a damaged CRC); returns ``path``."""
+    import zipfile
+    corrupt = []
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for case in cases:
+            for rel, data in case.files.items():
+                name = f"{top}/{case.student}/{assignment}/{rel}"
+                z.writestr(name, data)
+                if case.corrupt_in_zip:
+                    corrupt.append(name)
+    if corrupt:
+        _damage_crcs(path, corrupt)
+    return path
+
+
+def _damage_crcs(path: str, names: list[str]) -> None:
+    """Flip the CRC-32 of ``names`` in both their local and central headers."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        offsets = {z.getinfo(n).header_offset for n in names}
+        start = z.start_dir
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for offset in offsets:  # local header: the CRC is at byte 14
+            data[offset + 14:offset + 18] = bytes(b ^ 0xFF for b in data[offset + 14:offset + 18])
+        at = start
+        while data[at:at + 4] == b"PK\x01\x02":  # central directory: CRC at byte 16
+            n, m, k = struct.unpack("<HHH", data[at + 28:at + 34])
+            if struct.unpack("<I", data[at + 42:at + 46])[0] in offsets:
+                data[at + 16:at + 20] = bytes(b ^ 0xFF for b in data[at + 16:at + 20])
+            at += 46 + n + m + k
+        f.seek(0)
+        f.write(data)
 
 
 def _all_wrong(nb: Any, lay: Layout) -> tuple[Any, list[str]]:

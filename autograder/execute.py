@@ -1,22 +1,22 @@
-"""Run one notebook's code cells in a fresh kernel; the grader starts this inside the sandbox.
+"""The runner: run one notebook's code cells in a fresh kernel, inside the sandbox.
 
-    python -m autograder.execute --cell-timeout 60 [--progress-fd 3] ... < notebook.ipynb
+    python -m autograder.execute --progress-fd N  < job.json
 
-The notebook arrives on stdin, never as a file the student's code could read (its test
-cells hold the hidden tests).  Progress goes to ``--progress-fd`` as JSON lines, one per
-event, so that the grader keeps every finished cell even if it has to kill the whole
-sandbox halfway (wall clock, memory, processes):
+The grader (:class:`autograder.sandbox.Sandbox`) starts this and writes its job on stdin,
+one JSON object: ``notebook`` (the notebook, which holds the hidden tests: it never exists as
+a file the student's code could read), ``limits`` (:class:`autograder.limits.Limits`, as
+given, fractions of a second included), ``workdir``, ``uid`` (the uid to run as, when the
+grader is root), ``nproc`` (the ``RLIMIT_NPROC`` to set) and ``answers_fd`` (the pipe the
+kernel records answers to, which it inherits).  What happens goes back as events on
+``--progress-fd`` (:mod:`autograder.events`, where the protocol is written down).
 
-    {"type": "start", "index": i}
-    {"type": "cell", "index": i, "outputs": [...], "execution_count": n, "interrupted": bool}
-    {"type": "end", "status": "completed" | "unresponsive" | "kernel died" | "error",
-     "index": i, "reason": "..."}
-
-Before anything from the notebook runs, this process applies the resource limits it is
-given, drops to an unprivileged uid when asked (the grader runs as root), and makes itself
-non-dumpable so that the kernel (same uid) cannot read its memory through /proc.
-A cell that runs past ``--cell-timeout`` is interrupted; a kernel that ignores the interrupt
-for ``--interrupt-grace`` seconds ends the run ("unresponsive").
+Before anything from the notebook runs, this process applies the limits to itself (its
+kernel inherits them), drops to the unprivileged uid when asked, makes itself non-dumpable
+(so that the kernel cannot read its memory through /proc) and handles the signals a kernel
+could send it.  In bubblewrap it is pid 1 of the sandbox's pid namespace, which the kernel
+cannot kill at all, and it reaps the orphans that become its children.  A cell that runs
+past the cell timeout is interrupted; a kernel that ignores the interrupt for the grace
+period ends the run ("unresponsive"); a work directory that outgrows its limit ends it too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,34 @@ import sys
 import time
 from typing import Any
 
-MAX_NOTEBOOK = 64 * 2**20
+from .events import Emitter
+from .limits import LIMITS_ENV, Limits, mb_text
+from .trees import tree_size
+
+MAX_JOB = 80 * 2**20
+WORK_POLL_S = 0.2       # how often the work directory's size is looked at (tmpfs)
+WORK_WALK_S = 1.0       # ... when it has to be walked (no bubblewrap)
+WORK_WALK_ENTRIES = 200_000
+
+
+class Job:
+    """The job the grader sent, checked."""
+
+    def __init__(self, data: Any):
+        if not isinstance(data, dict) or not isinstance(data.get("notebook"), dict):
+            raise ValueError("the job has no notebook")
+        self.notebook: dict = data["notebook"]
+        self.limits = Limits.from_dict(data.get("limits", {}))
+        self.limits_json = self.limits.to_json()
+        self.workdir = str(data.get("workdir") or os.getcwd())
+        self.uid = _int_or_none(data.get("uid"))
+        self.nproc = int(data.get("nproc") or 0)
+        self.answers_fd = _int_or_none(data.get("answers_fd"))
+        self.startup_timeout = float(data.get("startup_timeout") or 60.0)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _set_limit(res: int, value: int) -> None:
@@ -43,31 +70,32 @@ def _set_limit(res: int, value: int) -> None:
         pass
 
 
-def apply_limits(args: argparse.Namespace) -> None:
+def apply_limits(job: Job) -> None:
+    limits = job.limits
     try:  # the grader's watchdog must keep getting the CPU when a notebook hogs it
         os.nice(10)
     except OSError:
         pass
     _set_limit(resource.RLIMIT_CORE, 0)
-    if args.cpu_seconds > 0:  # SIGXCPU at the limit, SIGKILL 5 s later if it is ignored
+    cpu = limits.effective_cpu_seconds()
+    if cpu > 0:  # SIGXCPU at the limit, SIGKILL 5 s later if it is ignored
         try:
-            resource.setrlimit(resource.RLIMIT_CPU, (args.cpu_seconds, args.cpu_seconds + 5))
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
         except (ValueError, OSError):
-            _set_limit(resource.RLIMIT_CPU, args.cpu_seconds)
-    if args.memory_mb > 0:
+            _set_limit(resource.RLIMIT_CPU, cpu)
+    memory = limits.effective_process_memory_mb()
+    if memory > 0:
         # RLIMIT_DATA, not RLIMIT_AS: torch reserves far more address space than it uses.
-        _set_limit(resource.RLIMIT_DATA, args.memory_mb * 2**20)
-    if args.file_size_mb > 0:
-        _set_limit(resource.RLIMIT_FSIZE, args.file_size_mb * 2**20)
-    if args.uid is not None:
-        gid = args.gid if args.gid is not None else args.uid
+        _set_limit(resource.RLIMIT_DATA, memory * 2**20)
+    if limits.file_size_mb > 0:
+        _set_limit(resource.RLIMIT_FSIZE, limits.file_size_mb * 2**20)
+    if job.uid is not None:
         os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(args.uid, args.uid, args.uid)
-    if args.max_procs > 0:
-        _set_limit(resource.RLIMIT_NPROC, args.max_procs)
-    if args.workdir:
-        os.chdir(args.workdir)
+        os.setresgid(job.uid, job.uid, job.uid)
+        os.setresuid(job.uid, job.uid, job.uid)
+    if job.nproc > 0:
+        _set_limit(resource.RLIMIT_NPROC, job.nproc)
+    os.chdir(job.workdir)
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -76,19 +104,73 @@ def apply_limits(args: argparse.Namespace) -> None:
         pass
 
 
-class Progress:
-    def __init__(self, fd: int | None):
-        self.stream = os.fdopen(fd, "w", buffering=1, encoding="utf-8") if fd is not None \
-            else None
+def _ignore(signum, frame) -> None:
+    pass
 
-    def send(self, **event: Any) -> None:
-        if self.stream is None:
-            return
+
+def protect_runner() -> None:
+    """Signals the kernel may send its runner do nothing.  (As pid 1 of a pid namespace a
+    signal without a handler is not even delivered, and SIGKILL and SIGSTOP from inside
+    the namespace never are; Python's own SIGINT handler would raise.)  A handler, not
+    SIG_IGN: exec resets caught signals, so the kernel starts with the default ones."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                 "SIGTSTP", "SIGTTIN", "SIGTTOU"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, _ignore)
+            except (OSError, ValueError):
+                pass
+
+
+class WorkDir:
+    """The size of the work directory, against its limit: ``statvfs`` when it is a file
+    system of its own (the sandbox's tmpfs), a walk otherwise (no bubblewrap)."""
+
+    def __init__(self, path: str, limit_mb: int):
+        self.path = path
+        self.limit = limit_mb * 2**20
+        self.mounted = os.path.ismount(path)
+        self.next = 0.0
+
+    def full(self, now: bool = False) -> bool:
+        """Whether the files reached the limit (looked at every so often, or ``now``)."""
+        if not self.limit:
+            return False
+        if not now and time.monotonic() < self.next:
+            return False
+        now = time.monotonic()
+        self.next = now + (WORK_POLL_S if self.mounted else WORK_WALK_S)
         try:
-            self.stream.write(json.dumps(event, separators=(",", ":")) + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+            if self.mounted:
+                st = os.statvfs(self.path)
+                used = (st.f_blocks - st.f_bfree) * st.f_frsize
+            else:
+                used = tree_size(self.path, WORK_WALK_ENTRIES)
+        except OSError:
+            return False
+        return used >= self.limit
+
+
+def reap_orphans(keep: int | None) -> None:
+    """As pid 1, orphans of the notebook's processes become this process's children:
+    reap the dead ones (but not the kernel, whose exit status its manager reads)."""
+    if os.getpid() != 1:
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == keep:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if len(rest) > 1 and rest[0] == "Z" and rest[1] == "1":
+            try:
+                os.waitpid(int(name), os.WNOHANG)
+            except OSError:
+                pass
 
 
 class CellRun:
@@ -180,71 +262,85 @@ class CellRun:
                              "traceback": [f"{ename}: {evalue}"]})
 
 
-def run(args: argparse.Namespace, nb: dict, progress: Progress) -> int:
+def run(job: Job, emit: Emitter) -> int:
     from jupyter_client.manager import KernelManager
 
+    os.environ[LIMITS_ENV] = job.limits_json  # what applies, for the notebook to see
     km = KernelManager(kernel_name="python3")
     devnull = open(os.devnull, "wb")
     try:
         km.start_kernel(cwd=os.getcwd(), stdout=devnull, stderr=devnull,
-                        extra_arguments=["--HistoryManager.hist_file=:memory:"])
+                        extra_arguments=["--HistoryManager.hist_file=:memory:"],
+                        pass_fds=(job.answers_fd,) if job.answers_fd is not None else ())
     except Exception as e:  # noqa: BLE001
-        progress.send(type="end", status="error", index=None,
-                      reason=f"the kernel could not start: {type(e).__name__}: {e}")
+        emit.end("error", None, f"the kernel could not start: {type(e).__name__}: {e}")
         return 1
+    finally:
+        if job.answers_fd is not None:  # the kernel holds it now, and only the kernel
+            try:
+                os.close(job.answers_fd)
+            except OSError:
+                pass
     kc = km.client()
     kc.start_channels()
     try:
-        kc.wait_for_ready(timeout=args.startup_timeout)
+        kc.wait_for_ready(timeout=job.startup_timeout)
     except RuntimeError as e:
-        progress.send(type="end", status="error", index=None,
-                      reason=f"the kernel did not start: {e}")
+        emit.end("error", None, f"the kernel did not start: {e}")
         _stop(km, kc)
         return 1
-    budget = [args.max_total_output]
+    limits = job.limits
+    budget = [limits.max_total_output]
+    work = WorkDir(os.getcwd(), limits.work_size_mb)
     count = 0
     status, reason, stop_index = "completed", "", None
-    for index, cell in enumerate(nb.get("cells", [])):
-        if cell.get("cell_type") != "code":
+    for index, cell in enumerate(job.notebook.get("cells", [])):
+        if not isinstance(cell, dict) or cell.get("cell_type") != "code":
             continue
         source = cell.get("source", "")
         if isinstance(source, list):
-            source = "".join(source)
-        if not source.strip():
+            source = "".join(s for s in source if isinstance(s, str))
+        if not isinstance(source, str) or not source.strip():
             continue
-        progress.send(type="start", index=index)
+        emit.start(index)
         count += 1
-        outcome, detail, cellrun, interrupted = _execute_cell(km, kc, source, args, budget)
-        progress.send(type="cell", index=index, outputs=cellrun.outputs, execution_count=count,
-                      interrupted=interrupted)
+        outcome, detail, cellrun, interrupted = _execute_cell(km, kc, source, limits, budget,
+                                                              work)
+        emit.cell(index, cellrun.outputs, count, interrupted)
         if outcome != "ok":
             status, reason, stop_index = outcome, detail, index
             break
-    progress.send(type="end", status=status, index=stop_index, reason=reason)
+    emit.end(status, stop_index, reason)
     _stop(km, kc)
     return 0
 
 
-def _execute_cell(km, kc, source: str, args, budget):
-    cellrun = CellRun(args.max_cell_output, budget)
+def _execute_cell(km, kc, source: str, limits: Limits, budget: list, work: WorkDir):
+    cellrun = CellRun(limits.max_cell_output, budget)
     msg_id = kc.execute(source, store_history=True, allow_stdin=False, stop_on_error=False)
-    deadline = time.monotonic() + args.cell_timeout
+    timeout = limits.cell_timeout or float("inf")
+    deadline = time.monotonic() + timeout
     interrupted = False
     idle = replied = False
+    kernel_pid = getattr(getattr(km, "provisioner", None), "process", None)
+    kernel_pid = getattr(kernel_pid, "pid", None)
     while not (idle and replied):
         now = time.monotonic()
         if now >= deadline:
             if interrupted:
                 cellrun.note_error(
                     "CellTimeoutError",
-                    f"the cell ran longer than {args.cell_timeout:g} s and did not stop when "
+                    f"the cell ran longer than {limits.cell_timeout:g} s and did not stop when "
                     f"interrupted; the grader stopped the notebook here")
-                return "unresponsive", f"ignored the interrupt at the {args.cell_timeout:g} s " \
-                                       f"cell limit", cellrun, True
+                return "unresponsive", f"ignored the interrupt at the " \
+                                       f"{limits.cell_timeout:g} s cell limit", cellrun, True
             km.interrupt_kernel()
             interrupted = True
-            deadline = now + args.interrupt_grace
+            deadline = now + limits.interrupt_grace
             continue
+        if work.full():
+            return _work_full(cellrun, limits) + (interrupted,)
+        reap_orphans(kernel_pid)
         try:
             msg = kc.get_iopub_msg(timeout=min(0.2, max(deadline - now, 0.01)))
         except queue.Empty:
@@ -264,13 +360,23 @@ def _execute_cell(km, kc, source: str, args, budget):
                 replied = True
         if msg is None and not km.is_alive():
             code = _exit_code(km)
-            cellrun.note_error("DeadKernelError", _death_message(code, args))
-            return "kernel died", _death_reason(code, args), cellrun, interrupted
+            cellrun.note_error("DeadKernelError", _death_message(code, limits))
+            return "kernel died", _death_reason(code, limits), cellrun, interrupted
     if interrupted:
         cellrun.note_error("CellTimeoutError",
-                           f"the cell ran longer than {args.cell_timeout:g} s and was "
+                           f"the cell ran longer than {limits.cell_timeout:g} s and was "
                            f"interrupted")
+    if work.full(now=True):  # a cell that failed at the limit stops the notebook too
+        return _work_full(cellrun, limits) + (interrupted,)
     return "ok", "", cellrun, interrupted
+
+
+def _work_full(cellrun: CellRun, limits: Limits) -> tuple[str, str, CellRun]:
+    limit = mb_text(limits.work_size_mb)
+    cellrun.note_error("WorkDirectoryFull",
+                       f"the files in the work directory reached {limit}, their limit; the "
+                       f"grader stopped the notebook here")
+    return "work dir full", f"work directory limit ({limit})", cellrun
 
 
 def _exit_code(km) -> int | None:
@@ -283,9 +389,9 @@ def _exit_code(km) -> int | None:
         return None
 
 
-def _death_reason(code: int | None, args) -> str:
+def _death_reason(code: int | None, limits: Limits) -> str:
     if code is not None and code < 0 and -code == signal.SIGXCPU:
-        return f"CPU time limit ({args.cpu_seconds} s)"
+        return f"CPU time limit ({limits.effective_cpu_seconds()} s)"
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
@@ -295,8 +401,8 @@ def _death_reason(code: int | None, args) -> str:
     return f"exit code {code}" if code is not None else "the kernel process is gone"
 
 
-def _death_message(code: int | None, args) -> str:
-    return f"the kernel died while running this cell ({_death_reason(code, args)}); " \
+def _death_message(code: int | None, limits: Limits) -> str:
+    return f"the kernel died while running this cell ({_death_reason(code, limits)}); " \
            f"the cells after it were not run"
 
 
@@ -313,34 +419,28 @@ def _stop(km, kc) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autograder.execute")
-    parser.add_argument("--cell-timeout", type=float, default=120.0)
-    parser.add_argument("--interrupt-grace", type=float, default=5.0)
-    parser.add_argument("--startup-timeout", type=float, default=60.0)
-    parser.add_argument("--max-cell-output", type=int, default=100_000)
-    parser.add_argument("--max-total-output", type=int, default=2_000_000)
-    parser.add_argument("--cpu-seconds", type=int, default=0)
-    parser.add_argument("--memory-mb", type=int, default=0)
-    parser.add_argument("--file-size-mb", type=int, default=0)
-    parser.add_argument("--max-procs", type=int, default=0)
-    parser.add_argument("--uid", type=int, default=None)
-    parser.add_argument("--gid", type=int, default=None)
-    parser.add_argument("--progress-fd", type=int, default=None)
-    parser.add_argument("--workdir", default=None, help="directory the notebook runs in")
+    parser.add_argument("--progress-fd", type=int, default=None,
+                        help="descriptor the events go to (autograder/events.py)")
     args = parser.parse_args(argv)
-    raw = sys.stdin.buffer.read(MAX_NOTEBOOK + 1)
+    protect_runner()
+    raw = sys.stdin.buffer.read(MAX_JOB + 1)
     sys.stdin.close()
-    progress = Progress(args.progress_fd)
-    apply_limits(args)
-    if len(raw) > MAX_NOTEBOOK:
-        progress.send(type="end", status="error", index=None, reason="notebook too large")
+    emit = Emitter(args.progress_fd)
+    if len(raw) > MAX_JOB:
+        emit.end("error", None, "notebook too large")
         return 1
     try:
-        nb = json.loads(raw)
-    except ValueError as e:
-        progress.send(type="end", status="error", index=None, reason=f"unreadable notebook: {e}")
+        job = Job(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        emit.end("error", None, f"unreadable job: {e}")
         return 1
     del raw
-    return run(args, nb, progress)
+    try:
+        apply_limits(job)
+    except OSError as e:
+        emit.end("error", None, f"the limits could not be applied: {e}")
+        return 1
+    return run(job, emit)
 
 
 if __name__ == "__main__":

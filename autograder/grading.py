@@ -4,16 +4,26 @@ with every test re-checked outside the student's kernel.
 Phases, for a folder or zip laid out ``<student>/<assignment>/<notebook>.ipynb``:
 
 1. the course's sources are converted and released into the working course directory
-   ``OUT/course`` (an nbgrader course: gradebook, ``submitted/``, ``autograded/``, ...);
-2. each submission is read and repaired (:mod:`autograder.submissions`) and autograded by
-   nbgrader in this process, its notebook running in :mod:`autograder.sandbox`;
-3. the recorded answers of all submissions are re-checked in one fresh process per
-   assignment (``python -m autograder.verify``), and each test cell's score in the
-   gradebook is set from that clean verdict;
-4. feedback HTML is generated (hidden tests and traceback frames removed) and copied to
+   ``OUT/course`` (an nbgrader course: gradebook, ``submitted/``, ``autograded/``, ...), and
+   the course code a notebook imports is copied once for the whole run
+   (:mod:`autograder.coursecode`);
+2. each submission is read and repaired (:mod:`autograder.submissions`);
+3. nbgrader autogrades every submission once to *collect* what it would execute into an
+   execution plan (:class:`autograder.preprocessors.ExecutionPlan`, a folder named in the
+   nbgrader config); the probes of the assignments are added to it
+   (:mod:`autograder.probes`);
+4. the plan runs on a pool of ``--jobs`` sandboxed runs (:class:`autograder.sandbox.Sandbox`;
+   ``--jobs 1`` is a pool of one); as soon as every run of an assignment is done its clean
+   re-check starts (one fresh process per assignment, ``python -m autograder.verify``);
+5. nbgrader autogrades every submission again, now *replaying* each result, and each test
+   cell's score in the gradebook is set from its clean verdict;
+6. feedback HTML is generated (hidden tests and traceback frames removed) and copied to
    ``OUT/feedback/<student>/<assignment>/<notebook>.html``;
-5. ``OUT/grades.csv`` is rewritten from the gradebook and the status file, so re-running
+7. ``OUT/grades.csv`` is rewritten from the gradebook and the status file, so re-running
    (the same or another batch) replaces a student's row and never duplicates it.
+
+Whatever goes wrong with one submission (its notebook, its files, nbgrader on it) becomes
+that submission's status; the others are graded as if it were not there.
 """
 
 from __future__ import annotations
@@ -27,21 +37,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import pages
+from . import probes as probing
 from . import submissions as subs
 from .course import (Course, CourseError, NbgraderFailure, Workdir, autograded_cells,
                      quiet_logs, run_converter, source_cells, validate_assignment)
-from .preprocessors import REPORT_DIR, report_path
-from .sandbox import DEFAULT_SANDBOX_UID, Limits, Sandbox, list_processes
+from .coursecode import CourseCode
+from .limits import Limits
+from .plan import REPORT_DIR, ExecutionPlan, PlannedRun, execute, report_path
+from .processes import DEFAULT_SANDBOX_UID, sweep_strays
+from .sandbox import MAX_ANSWERS_BYTES, Sandbox
 
 STATUS_FILE = "status.json"
 CSV_COLUMNS = ["student", "assignment", "score", "max_score", "status"]
 VERIFY_MEMORY_MB = 4096
+GRADER_RESERVE_MB = 1536   # memory this process and a clean re-check need besides the jobs
 
 
 @dataclass
@@ -52,16 +68,42 @@ class GradeOptions:
     limits: Limits = field(default_factory=Limits)
     sandbox_uid: int = DEFAULT_SANDBOX_UID
     progress: bool = True
-    jobs: int = 1                  # notebooks running at the same time
+    jobs: int = 0                  # notebooks running at the same time (0: default_jobs)
     warn: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+
+
+def default_jobs(limits: Limits) -> int:
+    """As many notebooks at once as the machine can run: one per core, and no more than
+    fit in the memory available, each at its limits (processes, /tmp and work directory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    available = _available_mb()
+    if available is None or not limits.memory_mb:
+        return max(1, cores)
+    fit = (available - GRADER_RESERVE_MB) // max(1, limits.ram_mb())
+    return max(1, min(cores, fit))
+
+
+def _available_mb() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass
 class Entry:
     """One (student, assignment) of this run."""
 
-    student: str
+    student: str              # the student's id in nbgrader (submissions.student_id)
     assignment: str
+    name: str = ""            # the student's folder name, as grades.csv shows it
     status: str = "graded"
     notes: list[str] = field(default_factory=list)
     notebooks: dict[str, str] = field(default_factory=dict)   # name -> submitted file
@@ -70,10 +112,14 @@ class Entry:
     overturned: int = 0
     elapsed: float = 0.0
     single: bool = True       # the assignment has a single notebook
+    problems: dict[str, str] = field(default_factory=dict)    # file -> its status
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.student
 
     @property
     def key(self) -> str:
-        return f"{self.student}/{self.assignment}"
+        return f"{subs.display_name(self.name)}/{self.assignment}"
 
     def full_status(self) -> str:
         return "; ".join([self.status] + self.notes)
@@ -107,14 +153,17 @@ def grade(submissions: str, options: GradeOptions) -> list[Entry]:
         raise GradingError(f"another grading run is using {out}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="paralab-submissions-") as tmp:
+            problems: dict[str, str] = {}
             if os.path.isfile(submissions):
                 if not submissions.lower().endswith(".zip"):
                     raise GradingError(f"{submissions} is neither a folder nor a .zip file")
                 try:
-                    for w in subs.extract_zip(submissions, tmp):
-                        options.warn(f"warning: {w}")
+                    extracted = subs.extract_zip(submissions, tmp)
                 except subs.InputError as e:
                     raise GradingError(str(e)) from None
+                for w in extracted.warnings:
+                    options.warn(f"warning: {w}")
+                problems = extracted.problems
                 root = tmp
             else:
                 root = submissions
@@ -123,33 +172,86 @@ def grade(submissions: str, options: GradeOptions) -> list[Entry]:
                 warnings.filterwarnings("ignore", module=r"nbgrader\..*")
                 warnings.filterwarnings("ignore", message=r".*not in session.*")
                 return _grade_folder(course, subs.class_root(root, assignments), out,
-                                     options)
+                                     options, problems)
     finally:
         lock.close()
 
 
-def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) -> list[Entry]:
+@dataclass
+class _Run:
+    """What one grading run holds besides the entries."""
+
+    course: Course
+    workdir: Workdir
+    out: str
+    options: GradeOptions
+    cfg: Any = None
+    box: Sandbox | None = None
+    plan: ExecutionPlan | None = None
+    codes: dict[str, CourseCode] = field(default_factory=dict)
+    cells: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)
+    rechecks: dict[str, "_Recheck"] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    _mark: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str) -> None:
+        """The time since the last phase ended was spent in ``name``."""
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._mark
+        self._mark = now
+
+
+def _grade_folder(course: Course, root: str, out: str, options: GradeOptions,
+                  problems: dict[str, str] | None = None) -> list[Entry]:
     workdir = Workdir(course, os.path.join(out, "course"))
     os.makedirs(workdir.root, exist_ok=True)
     _write_course_config(workdir.root, course)
-    known = course.assignments()
     # what to expect of each assignment
-    expected = {a: list(course.sources(a)) for a in known}
+    expected = {a: list(course.sources(a)) for a in course.assignments()}
     found, warnings = subs.discover(root, expected, {})
     for w in warnings:
         options.warn(f"warning: {w}")
-    needed = sorted({f.assignment for f in found if f.assignment in known})
-    box = Sandbox.create(options.sandbox, options.limits, None, options.sandbox_uid,
-                         warn=options.warn)
-    cfg = workdir.config(**_overrides(course, options))
+    needed = sorted({f.assignment for f in found if f.assignment in expected})
+    with tempfile.TemporaryDirectory(prefix="paralab-grading-") as scratch:
+        run = _Run(course, workdir, out, options)
+        try:
+            # first of all, so that the clean re-checks get ready while everything else
+            # happens (nbgrader is not even imported yet)
+            for a in needed:
+                run.rechecks[a] = _Recheck(course, a, scratch)
+            run.plan = ExecutionPlan(os.path.join(scratch, "plan"))
+            run.codes["main"] = CourseCode.build(os.path.join(scratch, "code", "main"),
+                                                 course.extra_checks_dirs())
+            run.box = Sandbox.create(options.sandbox, options.limits, run.codes["main"],
+                                     options.sandbox_uid, warn=options.warn)
+            run.cfg = workdir.config(**_overrides(course, options, run.plan.folder))
+            started = time.monotonic()
+            entries = _setup_and_grade(run, root, expected, needed, problems or {}, scratch)
+        finally:
+            for helper in run.rechecks.values():
+                helper.close()
+        sweep_strays()
+        _save_status(workdir.root, entries)
+        export_grades(out)
+        run.phase("csv")
+        _log_run(workdir.root, entries, time.monotonic() - started, run.box.mode, run.phases)
+        return entries
+
+
+def _setup_and_grade(run: _Run, root: str, expected: dict[str, list[str]], needed: list[str],
+                     problems: dict[str, str], scratch: str) -> list[Entry]:
+    course, workdir, options = run.course, run.workdir, run.options
+    known = list(expected)
     releases: dict[str, dict[str, Any]] = {}
-    cells: dict[str, dict[str, list[dict]]] = {}
-    modules = {}
     for a in needed:
+        described = run.rechecks[a].module() if a in run.rechecks else None
+        if described is not None:  # the grader need not import the check module itself
+            course.described[a] = described
         try:
             validate_assignment(course, a)
-            modules[a] = course.check_module(a)
-            workdir.generate(a, cfg)
+            run.modules[a] = course.check_module(a)
+            workdir.generate(a, run.cfg)
         except (CourseError, NbgraderFailure) as e:
             raise GradingError(f"course error: {e}") from None
         import nbformat
@@ -163,70 +265,322 @@ def _grade_folder(course: Course, root: str, out: str, options: GradeOptions) ->
                 options.warn(f"warning: assignments/{a}/{n}.ipynb is not what solutions/{a}/ "
                              f"generates (run `python -m autograder generate {a}`); grading "
                              f"follows the sources")
-        cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
+        run.cells[a] = {n: source_cells(p) for n, p in course.sources(a).items()}
+    run.phase("setup")
     # match notebooks again, now that the releases are known (renamed notebooks)
     found, _ = subs.discover(root, expected, releases)
-    entries = [Entry(f.student, f.assignment) for f in found]
-    started = time.monotonic()
+    entries = [Entry(f.sid or f.student, f.assignment, name=f.student) for f in found]
     todo = []
     for item, entry in zip(found, entries):
+        entry.problems = {p: why for p, why in problems.items()
+                          if (p + os.sep).startswith(item.folder + os.sep)}
         if item.assignment not in known:
             entry.status = f"unknown assignment folder (expected one of: {', '.join(known)})"
-        elif _prepare(item, entry, workdir, releases[item.assignment]):
+        elif _guarded(entry, workdir, _prepare, item, entry, workdir,
+                      releases[item.assignment]):
             todo.append(entry)
-    if options.jobs > 1 and len(todo) > 1:
-        _autograde_parallel(todo, workdir, cfg, course, options)
-    else:
-        bar = _bar(len(todo), "grading", options.progress)
-        try:
-            for entry in todo:
-                bar.set_postfix_str(entry.key, refresh=False)
-                t0 = time.monotonic()
-                _autograde(entry, workdir, cfg)
-                entry.elapsed = time.monotonic() - t0
-                bar.update(1)
-        finally:
-            bar.close()
+    run.phase("read")
+    _execute(run, todo, scratch)
     graded = [e for e in entries if e.graded]
-    _run_probes(graded, workdir, modules, course, options)
     by_assignment: dict[str, list[Entry]] = {}
     for e in graded:
         by_assignment.setdefault(e.assignment, []).append(e)
     for a, group in sorted(by_assignment.items()):
-        verdicts = _verify(course, a, group, workdir.root, options)
-        _apply_verdicts(group, verdicts, workdir, cells[a])
+        verdicts = _recheck(run, a, group)
+        _apply_verdicts(group, verdicts, workdir, run.cells[a])
+    run.phase("verify")
     bar = _bar(len(graded), "feedback", options.progress)
-    has_mathjax = pages.install_mathjax(os.path.join(out, "feedback", pages.MATHJAX_DIR))
-    titles = {(a, n): pages.question_titles(cells[a][n], modules[a].GRADE_CELLS)
-              for a in cells for n in cells[a]}
+    has_mathjax = pages.install_mathjax(os.path.join(run.out, "feedback",
+                                                     pages.MATHJAX_DIR))
+    titles = {(a, n): pages.question_titles(run.cells[a][n], run.modules[a].GRADE_CELLS)
+              for a in run.cells for n in run.cells[a]}
     try:
         for e in graded:
-            _feedback(e, workdir, cfg, out, titles, has_mathjax)
+            _guarded(e, workdir, _feedback_for, e, workdir, run.cfg, run.out, titles,
+                     has_mathjax)
             bar.update(1)
     finally:
         bar.close()
     for e in entries:
         if not e.graded:
-            _status_feedback(e, out)
-    _sweep_strays()
-    _save_status(workdir.root, entries)
-    export_grades(out)
-    _log_run(workdir.root, entries, time.monotonic() - started, box.mode)
+            try:
+                _status_feedback(e, run.out)
+                _feedback_folder(e, run.out)
+            except Exception as err:  # noqa: BLE001 - a page for one, never the run
+                e.notes.append(f"no feedback: {type(err).__name__}: {err}")
+    run.phase("feedback")
     return entries
 
 
-def _overrides(course: Course, options: GradeOptions) -> dict[str, Any]:
-    lim = options.limits
+def _guarded(entry: Entry, workdir: Workdir, step: Callable, *args: Any) -> Any:
+    """``step(*args)``; an unexpected error becomes the entry's status ("grading error")
+    instead of ending the run for everyone."""
+    try:
+        return step(*args)
+    except Exception as e:  # noqa: BLE001
+        entry.status = f"grading error ({type(e).__name__}: {str(e)[:200]})"
+        entry.graded = False
+        try:
+            _zero_submission(workdir, entry.assignment, entry.student)
+        except Exception:  # noqa: BLE001 - the status already says it
+            pass
+        return False
+
+
+def _execute(run: _Run, todo: list[Entry], scratch: str) -> None:
+    """Collect, run on the pool, replay (see the module's docstring), as a stream: a
+    submission's runs start as soon as nbgrader has collected it, it is replayed as soon
+    as they are done, and an assignment's clean re-check starts as soon as its last run
+    is done."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    options, workdir = run.options, run.workdir
+    jobs = options.jobs or default_jobs(options.limits)
+    bar = _bar(0, "grading", options.progress)
+    waiting: dict[Any, tuple[Entry, PlannedRun]] = {}
+    left: dict[int, int] = {}                  # id(entry) -> runs not done
+    by_assignment: dict[str, list[Entry]] = {}
+    pool = _started_pool(max(1, jobs))
+
+    def finished(future: Any) -> None:
+        e, planned = waiting.pop(future)
+        e.elapsed += future.result().elapsed
+        bar.set_postfix_str(planned.name, refresh=False)
+        bar.update(1)
+        left[id(e)] -= 1
+        if left[id(e)] == 0:  # all its runs are done: nbgrader can replay it
+            _guarded(e, workdir, _autograde, e, workdir, run.cfg, True)
+            group = by_assignment[e.assignment]
+            if all(left[id(x)] == 0 for x in group) and collecting_done:
+                _recheck_go(run, e.assignment, group)
+
+    collecting_done = False
+    restore = _share_with_notebooks()
+    try:
+        for e in todo:
+            if not _guarded(e, workdir, _autograde, e, workdir, run.cfg, False):
+                continue
+            planned = _planned_runs(run, e)
+            if e.assignment in run.rechecks:
+                run.rechecks[e.assignment].watch([p.answers for p in planned])
+            by_assignment.setdefault(e.assignment, []).append(e)
+            left[id(e)] = len(planned)
+            for p in sorted(planned, key=lambda p: p.kind != "notebook"):
+                if p.code not in run.codes:  # made while the first notebooks run
+                    _probe_library(run, e.assignment, scratch)
+                waiting[pool.submit(execute, run.plan, run.box, p, run.codes)] = (e, p)
+            if hasattr(bar, "total"):
+                bar.total += len(planned)
+                bar.refresh()
+            for future in [f for f in list(waiting) if f.done()]:
+                finished(future)
+        collecting_done = True
+        run.phase("collect")
+        for a, group in by_assignment.items():
+            if all(left[id(x)] == 0 for x in group):
+                _recheck_go(run, a, group)
+        while waiting:
+            done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(future)
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        restore()
+    run.phase("notebooks")
+
+
+def _started_pool(jobs: int) -> Any:
+    """A pool whose threads all exist already (a thread starts with the priority of the
+    thread that starts it: see _share_with_notebooks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    barrier = threading.Barrier(jobs + 1)
+    for _ in range(jobs):
+        pool.submit(barrier.wait)
+    barrier.wait()
+    return pool
+
+
+def _share_with_notebooks() -> Callable[[], None]:
+    """While notebooks run, this thread's nbgrader work (collecting and replaying the
+    other submissions) runs at the notebooks' priority, not above it; the pool's threads,
+    which watch the notebooks' limits, keep theirs.  Returns how to undo it (possible as
+    root only)."""
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, max(before, 10))
+    except (AttributeError, OSError):
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:
+            pass
+    return restore
+
+
+def _planned_runs(run: _Run, e: Entry) -> list[PlannedRun]:
+    """The runs nbgrader collected for ``e``, and its probe runs."""
+    out = []
+    for name in e.notebooks:
+        main = run.plan.load((e.student, e.assignment, name))
+        if main is None:
+            continue
+        out.append(main)
+        module = run.modules.get(e.assignment)
+        if getattr(module, "PROBES", None):
+            nb = probing.probe_notebook(main.notebook, e.assignment, module.PROBES)
+            answers = report_path(run.workdir.root, "answers", e.student, e.assignment, name,
+                                  ".probe.jsonl")
+            probe = PlannedRun(main.key, nb, answers, kind="probe",
+                               code=_probe_code(e.assignment))
+            run.plan.collect(probe)
+            out.append(probe)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The clean re-check, started early (autograder/recheck.py)
+
+
+class _Recheck:
+    """``python -m autograder.recheck``: the clean re-check of one assignment, getting
+    ready while the notebooks run; :meth:`go` hands it the answers files."""
+
+    def __init__(self, course: Course, assignment: str, scratch: str):
+        self.assignment = assignment
+        self.args = [assignment, "--batch", "--memory-mb", str(VERIFY_MEMORY_MB)]
+        for d in course.extra_checks_dirs():
+            self.args += ["--checks-path", d]
+        env = {k: v for k, v in os.environ.items() if k != "PARALAB_ANSWERS"}
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # what torch caches in the temporary folder goes with the grading run's own
+        env["TMPDIR"] = tempfile.mkdtemp(prefix=f"recheck-{assignment}-", dir=scratch)
+        self.stderr = tempfile.TemporaryFile(dir=scratch)
+        self.proc = subprocess.Popen([sys.executable, "-m", "autograder.recheck"] + self.args,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=env)
+        self.files: list[str] | None = None
+        self._module: Any = False
+
+    def module(self) -> Any:
+        """What the check module declares (GRADE_CELLS, RELEASE_FILES, PROBES), as the
+        re-check process loaded it; None when it could not."""
+        if self._module is False:
+            self._module = None
+            try:
+                line = self.proc.stdout.readline()
+                data = json.loads(line).get("module") if line else None
+            except (OSError, ValueError, AttributeError):
+                data = None
+            if isinstance(data, dict):
+                from types import SimpleNamespace
+
+                from .checks import Probe
+                self._module = SimpleNamespace(
+                    __name__=f"autograder.checks.{self.assignment}",
+                    GRADE_CELLS=data["GRADE_CELLS"], RELEASE_FILES=data["RELEASE_FILES"],
+                    PROBES={k: Probe(tuple(p["cells"]), p["call"], tuple(p["unavailable"]))
+                            for k, p in data["PROBES"].items()})
+        return self._module
+
+    def _send(self, command: dict) -> None:
+        if self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+
+    def watch(self, files: list[str]) -> None:
+        """Answers files that runs are about to write: checked as they grow."""
+        self._send({"watch": files})
+
+    def go(self, files: list[str]) -> None:
+        if self.files is not None:
+            return
+        self.files = files
+        self._send({"verify": files})
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.stdin = None  # closed: communicate() must not touch it
+
+    def result(self) -> dict | None:
+        """Like the re-check the grader runs itself: the parsed output, None when it
+        failed; a course error ends the grading run."""
+        if not self.files:
+            return None
+        try:
+            out, _ = self.proc.communicate(timeout=120 + 30 * len(self.files))
+        except subprocess.TimeoutExpired:
+            self.close()
+            return None
+        self.stderr.seek(0)
+        err = self.stderr.read().decode("utf-8", "replace")
+        if self.proc.returncode != 0:
+            if self.proc.returncode == 2 and "course error" in err:
+                raise GradingError(err.strip().splitlines()[-1])
+            return None
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.stdin = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def _answers_files(root: str, assignment: str, group: list[Entry]) -> dict[str, tuple]:
+    """answers file -> (student, notebook), as the clean re-check takes them."""
+    return {report_path(root, "answers", e.student, assignment, name, ".jsonl"):
+            (e.student, name) for e in group for name in e.notebooks}
+
+
+def _recheck_go(run: _Run, assignment: str, group: list[Entry]) -> None:
+    helper = run.rechecks.get(assignment)
+    files = _answers_files(run.workdir.root, assignment, group)
+    if helper is not None and files:
+        helper.go(sorted(files))
+
+
+def _recheck(run: _Run, assignment: str, group: list[Entry]) -> dict[tuple[str, str], dict]:
+    """The clean verdicts of ``group``: from the re-check started early when it got
+    exactly these files and succeeded, otherwise from :func:`_verify`."""
+    helper = run.rechecks.pop(assignment, None)
+    files = _answers_files(run.workdir.root, assignment, group)
+    results = None
+    if helper is not None:
+        try:
+            if helper.files is not None and set(files) <= set(helper.files):
+                results = helper.result()
+        finally:
+            helper.close()
+    if results is None or not all(p in results for p in files):
+        return _verify(run.course, assignment, group, run.workdir.root, run.options)
+    return {files[p]: results[p] for p in files}
+
+
+def _overrides(course: Course, options: GradeOptions, plan: str) -> dict[str, Any]:
     return {
-        "Execute.timeout": int(lim.cell_timeout) if lim.cell_timeout else None,
+        "SandboxedExecute.plan": plan,
         "SandboxedExecute.sandbox": options.sandbox,
-        "SandboxedExecute.notebook_timeout": float(lim.notebook_timeout),
-        "SandboxedExecute.interrupt_grace": float(lim.interrupt_grace),
-        "SandboxedExecute.memory_mb": int(lim.memory_mb),
-        "SandboxedExecute.max_procs": int(lim.max_procs),
-        "SandboxedExecute.cpu_seconds": int(lim.cpu_seconds),
-        "SandboxedExecute.file_size_mb": int(lim.file_size_mb),
-        "SandboxedExecute.max_cell_output": int(lim.max_cell_output),
+        "SandboxedExecute.limits": options.limits.to_dict(),
         "SandboxedExecute.sandbox_uid": int(options.sandbox_uid),
         "SandboxedExecute.checks_path": course.extra_checks_dirs(),
         "Autograde.create_student": True,
@@ -262,7 +616,31 @@ def _bar(total: int, desc: str, enabled: bool):
             def set_postfix_str(self, s, refresh=True): pass
             def close(self): pass
         return _Null()
-    return tqdm(total=total, desc=desc, unit="sub", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Originality probes (autograder/probes.py): runs of their own, on the same pool
+
+
+def _probe_library(run: _Run, assignment: str, scratch: str) -> None:
+    """The copy of the course code whose library lacks the reference implementations that
+    the assignment's PROBES make unavailable (made once per grading run)."""
+    from .coursecode import paralab_dir
+    module = run.modules[assignment]
+    try:
+        stripped = probing.strip_library(paralab_dir(), probing.unavailable_names(module),
+                                         os.path.join(scratch, "stripped", assignment))
+    except probing.ProbeError as err:
+        raise GradingError(f"course error: PROBES of autograder/checks/{assignment}.py: "
+                           f"{err}") from None
+    run.codes[_probe_code(assignment)] = CourseCode.build(
+        os.path.join(scratch, "code", _probe_code(assignment)), run.course.extra_checks_dirs(),
+        library=stripped)
+
+
+def _probe_code(assignment: str) -> str:
+    return f"probe:{assignment}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +653,7 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
     nbgrader can grade (the entry then has its final status and a zero grade)."""
     import nbformat
 
-    a, student = item.assignment, item.student
+    a, student = item.assignment, entry.student
     root = workdir.root
     submitted = os.path.join(root, "submitted", student, a)
     for kind in ("runs", "answers", "verdicts"):
@@ -288,11 +666,18 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
     for name in releases:
         prefix = "" if single else f"{name}: "
         if name not in item.notebooks:
+            unusable = [why for path, why in entry.problems.items()]
+            if unusable:
+                problems.append(f"{prefix}{unusable[0]}")
+                continue
             others = ", ".join(item.extra[:3]) or "no notebook"
             problems.append(f"{prefix}missing notebook ({name}.ipynb not found; found "
                             f"{others})")
             continue
         path = item.notebooks[name]
+        if path in entry.problems:  # a zip member that could not be used
+            problems.append(f"{prefix}{entry.problems[path]}")
+            continue
         subs.copy_original(path, os.path.join(root, "originals", student, a,
                                               os.path.relpath(path, item.folder)))
         if name in item.renamed:
@@ -321,7 +706,8 @@ def _prepare(item: subs.Found, entry: Entry, workdir: Workdir,
 
 
 def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> bool:
-    """nbgrader's autograde of one submission (``final``: then read the run reports)."""
+    """nbgrader's autograde of one submission: the collecting pass (``final`` False) or
+    the replaying one (then the run reports are read)."""
     from nbgrader.converters import Autograde
 
     a, student, root = entry.assignment, entry.student, workdir.root
@@ -350,64 +736,24 @@ def _autograde(entry: Entry, workdir: Workdir, cfg: Any, final: bool = True) -> 
     return True
 
 
-def _autograde_parallel(todo: list[Entry], workdir: Workdir, cfg: Any, course: Course,
-                        options: GradeOptions) -> None:
-    """Autograde with ``options.jobs`` notebooks running at once (see ExecutionPlan)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+def _feedback_for(e: Entry, workdir: Workdir, cfg: Any, out: str,
+                  titles: dict[tuple[str, str], dict[str, str]], has_mathjax: bool) -> None:
+    _feedback(e, workdir, cfg, out, titles, has_mathjax)
+    _feedback_folder(e, out)
 
-    from .preprocessors import ExecutionPlan, SandboxedExecute
-    from .sandbox import CourseView
 
-    plan = ExecutionPlan("collect")
-    SandboxedExecute.plan = plan
-    try:
-        ready = [e for e in todo if _autograde(e, workdir, cfg, final=False)]
-        view = CourseView.default(course.extra_checks_dirs())
-        # each run leases its own unused uid (RLIMIT_NPROC and the clean-up are per uid)
-        box = Sandbox.create(options.sandbox, options.limits, view, options.sandbox_uid)
-
-        def run(key: tuple) -> tuple:
-            digest, data = plan.jobs[key]
-            answers = report_path(workdir.root, "answers", key[0], key[1], key[2], ".jsonl")
-            return key, (digest, box.run(data, answers_dest=answers), box.mode)
-
-        bar = _bar(len(plan.jobs), "grading", options.progress)
-        elapsed: dict[tuple, float] = {}
+def _feedback_folder(e: Entry, out: str) -> None:
+    """Feedback goes to the student's folder name (nbgrader knows the student by id)."""
+    if e.name == e.student:
+        return
+    src = os.path.join(out, "feedback", e.student, e.assignment)
+    dest = os.path.join(out, "feedback", e.name, e.assignment)
+    subs.clear_dir(dest)
+    if os.path.isdir(src):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(src, dest)
         try:
-            with ThreadPoolExecutor(max_workers=options.jobs) as pool:
-                futures = [pool.submit(run, key) for key in plan.jobs]
-                for future in as_completed(futures):
-                    key, done = future.result()
-                    plan.results[key] = done
-                    elapsed[key[:2]] = elapsed.get(key[:2], 0.0) + done[1].elapsed
-                    bar.set_postfix_str(f"{key[0]}/{key[1]}", refresh=False)
-                    bar.update(1)
-        finally:
-            bar.close()
-        plan.mode = "replay"
-        for entry in ready:
-            _autograde(entry, workdir, cfg)
-            entry.elapsed = elapsed.get((entry.student, entry.assignment), 0.0)
-    finally:
-        SandboxedExecute.plan = None
-
-
-def _sweep_strays() -> None:
-    """Kill any descendant of the grader still carrying a run's marker (without
-    bubblewrap an orphan could outlive its run); with bubblewrap there are none."""
-    import signal
-    from .sandbox import MARKER_ENV, descendants
-    procs = list_processes()
-    me = os.getpid()
-    marker = f"{MARKER_ENV}=".encode()
-    for pid in descendants(procs, [me]):
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker not in f.read():
-                    continue
-            os.kill(pid, signal.SIGKILL)
+            os.rmdir(os.path.dirname(src))
         except OSError:
             pass
 
@@ -433,6 +779,12 @@ def _run_status(entry: Entry, single: bool) -> None:
         if run.get("survivors"):
             entry.notes.append(f"{prefix}{run['survivors']} process(es) had to be killed "
                                f"after the run")
+        if run.get("leftovers"):
+            entry.notes.append(f"{prefix}{len(run['leftovers'])} file(s) of the run could "
+                               f"not be removed from the grading machine")
+        if run.get("answers_truncated"):
+            entry.notes.append(f"{prefix}recorded answers cut at "
+                               f"{MAX_ANSWERS_BYTES // 2**20} MiB")
     if stops:
         entry.status = "; ".join(stops)
 
@@ -470,62 +822,6 @@ def _write_log(root: str, student: str, assignment: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
-
-
-# ---------------------------------------------------------------------------------------
-# Originality probes (see autograder/probes.py)
-
-
-def _run_probes(graded: list[Entry], workdir: Workdir, modules: dict, course: Course,
-                options: GradeOptions) -> None:
-    """Run each graded submission's probe notebook (its assignment's PROBES) in the
-    sandbox, against a copy of the library without the reference implementations."""
-    import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import probes
-    from .sandbox import CourseView
-
-    todo = [(e, name) for e in graded
-            if getattr(modules.get(e.assignment), "PROBES", None) for name in e.runs]
-    if not todo:
-        return
-    root = workdir.root
-    base = CourseView.default(course.extra_checks_dirs())
-    with tempfile.TemporaryDirectory(prefix="paralab-probes-") as tmp:
-        boxes = {}
-        for a in sorted({e.assignment for e, _ in todo}):
-            try:
-                stripped = probes.strip_library(base.paralab_dir,
-                                                probes.unavailable_names(modules[a]),
-                                                os.path.join(tmp, a))
-            except probes.ProbeError as err:
-                raise GradingError(f"course error: PROBES of autograder/checks/{a}.py: "
-                                   f"{err}") from None
-            view = dataclasses.replace(base, paralab_dir=stripped)
-            box = Sandbox.create(options.sandbox, options.limits, view, options.sandbox_uid)
-            if box.mode == "none":  # no mount namespace: put the copy first on the path
-                box.extra_env["PYTHONPATH"] = os.path.dirname(stripped)
-            boxes[a] = box
-
-        def run(item: tuple[Entry, str]) -> None:
-            e, name = item
-            nb = probes.read_notebook(os.path.join(root, "autograded", e.student,
-                                                   e.assignment, name + ".ipynb"))
-            if nb is None:
-                return
-            notebook = probes.probe_notebook(nb, e.assignment, modules[e.assignment].PROBES)
-            dest = report_path(root, "answers", e.student, e.assignment, name,
-                               ".probe.jsonl")
-            boxes[e.assignment].run(notebook, answers_dest=dest)
-
-        bar = _bar(len(todo), "originality", options.progress)
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-                for _ in pool.map(run, todo):
-                    bar.update(1)
-        finally:
-            bar.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -722,9 +1018,10 @@ def load_status(root: str) -> dict[str, dict]:
 def _save_status(root: str, entries: list[Entry]) -> None:
     status = load_status(root)
     for e in entries:
-        status[e.key] = {"student": e.student, "assignment": e.assignment,
-                         "status": e.full_status(), "graded_at": time.strftime(
-                             "%Y-%m-%dT%H:%M:%S"), "seconds": round(e.elapsed, 1)}
+        status[e.key] = {"student": subs.display_name(e.name), "id": e.student,
+                         "assignment": e.assignment, "status": e.full_status(),
+                         "graded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "seconds": round(e.elapsed, 1)}
     path = _status_path(root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -752,12 +1049,13 @@ def export_grades(out: str) -> str:
         seen = set()
         for key, info in sorted(status.items()):
             student, assignment = info["student"], info["assignment"]
-            seen.add((student, assignment))
+            sid = info.get("id", student)  # the name, for rows written before ids
+            seen.add((sid, assignment))
             score, max_score = 0.0, 0.0
             if assignment in assignments:
                 max_score = assignments[assignment].max_score
                 try:
-                    score = gb.find_submission(assignment, student).score
+                    score = gb.find_submission(assignment, sid).score
                 except MissingEntry:
                     score = 0.0
             rows.append([student, assignment, _num(score), _num(max_score), info["status"]])
@@ -780,11 +1078,15 @@ def _num(x: float) -> str:
     return f"{float(x):g}"
 
 
-def _log_run(root: str, entries: list[Entry], seconds: float, mode: str) -> None:
+def _log_run(root: str, entries: list[Entry], seconds: float, mode: str,
+             phases: dict[str, float] | None = None) -> None:
     path = os.path.join(root, REPORT_DIR, "runs.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} sandbox={mode} submissions="
-                f"{len(entries)} seconds={seconds:.1f}\n")
+                f"{len(entries)} seconds={seconds:.1f}")
+        if phases:
+            f.write(" phases=" + ",".join(f"{k}:{v:.1f}" for k, v in phases.items()))
+        f.write("\n")
         for e in entries:
             f.write(f"  {e.key}: {e.full_status()} ({e.elapsed:.1f} s)\n")

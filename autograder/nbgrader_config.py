@@ -17,12 +17,11 @@ c.CourseDirectory.release_directory = "assignments"
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback",
                             "*.pct.py", ".*"]
 
-# Per-cell timeout (seconds); the kernel is interrupted when a cell runs longer.
-c.Execute.timeout = 120
-# Per-notebook wall clock and the other limits of the sandbox (autograder/sandbox.py).
-c.SandboxedExecute.notebook_timeout = 900
-c.SandboxedExecute.memory_mb = 4096
-c.SandboxedExecute.max_procs = 256
+# Notebooks run in the sandbox (autograder/sandbox.py), with the limits of
+# autograder/limits.py: set any of them by name, e.g.
+#     c.SandboxedExecute.limits = {"cell_timeout": 60, "notebook_timeout": 600}
+# (`python -m autograder grade` takes them from its command line instead).
+c.SandboxedExecute.limits = {}
 c.SandboxedExecute.sandbox = "auto"
 
 # Test cells a student deleted are put back (and run) instead of needing manual grading.

@@ -1,8 +1,9 @@
 """nbgrader preprocessors of the course (registered in ``autograder/nbgrader_config.py``).
 
 * :class:`SandboxedExecute` replaces nbgrader's ``Execute`` in ``Autograde``: the notebook
-  runs in :mod:`autograder.sandbox` instead of a kernel of the grading process, and the
-  answers it recorded are kept for the clean re-check.
+  runs in :mod:`autograder.sandbox` instead of a kernel of the grading process, through the
+  execution plan of :mod:`autograder.plan` (collected, run on the grader's pool, replayed),
+  and the answers it recorded are kept for the clean re-check.
 * :class:`FeedbackCleanup` runs after ``ClearHiddenTests`` in ``GenerateFeedback``: test
   cells keep only their final error message (no traceback frames quoting test code), hidden
   test cells show only the clean verdict, and any line of hidden test source that still
@@ -11,115 +12,71 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from nbgrader.preprocessors import NbGraderPreprocessor
 from nbgrader.preprocessors.execute import Execute
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Dict, Integer, List, Unicode
 
-from .sandbox import (DEFAULT_SANDBOX_UID, CourseView, Limits, RunResult, Sandbox,
-                      apply_results)
+from .limits import Limits
+from .outputs import apply_results
+from .plan import ExecutionPlan, PlannedRun, report_path, run_plan
+from .processes import DEFAULT_SANDBOX_UID
+from .sandbox import RunResult
 
-REPORT_DIR = "grader"  # under the course directory: runs/, answers/, verdicts/
 HIDDEN_BEGIN, HIDDEN_END = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def report_path(root: str, kind: str, student: str, assignment: str, notebook: str,
-                ext: str) -> str:
-    return os.path.join(root, REPORT_DIR, kind, student, assignment, notebook + ext)
-
-
-@dataclass
-class ExecutionPlan:
-    """Lets the grader run several notebooks at once although nbgrader autogrades one
-    after the other: nbgrader runs twice.  In the "collect" pass each notebook, exactly as
-    nbgrader would execute it, is set aside (and left failing, so the gradebook never holds
-    scores of unexecuted notebooks); the grader then runs them in parallel; in the "replay"
-    pass each notebook gets the result of its run (a notebook that differs from the one
-    collected runs then and there)."""
-
-    mode: str = "collect"
-    jobs: dict[tuple, tuple[str, dict]] = field(default_factory=dict)
-    results: dict[tuple, tuple[str, RunResult, str]] = field(default_factory=dict)
-
-
-def notebook_digest(nb: dict) -> str:
-    return hashlib.sha256(json.dumps(nb, sort_keys=True).encode()).hexdigest()
-
-
 class SandboxedExecute(Execute):
-    """Execute the notebook in the sandbox (bubblewrap when available) with limits."""
+    """Execute the notebook in the sandbox (bubblewrap when available) with limits.
 
-    plan: ExecutionPlan | None = None  # set by the grader for parallel runs
+    With ``plan`` set (``python -m autograder grade`` sets it), notebooks are collected
+    into that execution plan and given the results the grader stored there (see
+    :class:`ExecutionPlan`).  Without it (a plain ``nbgrader autograde``), each notebook
+    goes through the same plan, in a temporary folder, on a pool of one."""
 
+    plan = Unicode("", help="folder of the execution plan of the grading run (empty: run "
+                            "each notebook when nbgrader asks)").tag(config=True)
     sandbox = Unicode("auto", help="auto (bubblewrap if it works, else none with a "
                                    "warning), bwrap, or none").tag(config=True)
-    notebook_timeout = Float(900.0, help="wall-clock seconds per notebook").tag(config=True)
-    interrupt_grace = Float(5.0, help="seconds a kernel gets to stop after an interrupt"
-                            ).tag(config=True)
-    memory_mb = Integer(4096, help="memory of the notebook's process tree (MiB)").tag(config=True)
-    max_procs = Integer(256, help="processes and threads of the notebook").tag(config=True)
-    cpu_seconds = Integer(0, help="CPU seconds per process (0: twice the notebook timeout)"
-                          ).tag(config=True)
-    file_size_mb = Integer(512, help="largest file a notebook may write (MiB)").tag(config=True)
-    max_cell_output = Integer(100_000, help="characters of output kept per cell"
-                              ).tag(config=True)
+    limits = Dict(help="resource limits by name (autograder/limits.py: cell_timeout, "
+                       "notebook_timeout, memory_mb, ...); the default for each one not "
+                       "given").tag(config=True)
     sandbox_uid = Integer(DEFAULT_SANDBOX_UID, help="unused uid the notebooks run as when "
                                                    "grading as root").tag(config=True)
     checks_path = List(Unicode(), help="extra directories with assignment check modules"
                        ).tag(config=True)
 
-    _warned = False
-
-    def limits(self) -> Limits:
-        return Limits(cell_timeout=float(self.timeout or 0) or 1e9,
-                      interrupt_grace=self.interrupt_grace,
-                      notebook_timeout=self.notebook_timeout, memory_mb=self.memory_mb,
-                      max_procs=self.max_procs, cpu_seconds=self.cpu_seconds,
-                      file_size_mb=self.file_size_mb, max_cell_output=self.max_cell_output)
-
     def preprocess(self, nb: Any, resources: dict) -> tuple[Any, dict]:
         info = resources["nbgrader"]
         student, assignment, notebook = info["student"], info["assignment"], info["notebook"]
         root = os.getcwd()  # nbgrader's converters run from the course directory
-
-        def warn(message: str) -> None:
-            if not SandboxedExecute._warned:
-                self.log.warning(message)
-                SandboxedExecute._warned = True
-
         key = (student, assignment, notebook)
         data = json.loads(json.dumps(nb))
-        plan = SandboxedExecute.plan
-        if plan is not None and plan.mode == "collect":
-            plan.jobs[key] = (notebook_digest(data), data)
-            apply_results(nb, RunResult(status="error", reason="not run yet", running=None),
-                          self.limits())
-            return nb, resources
         answers = report_path(root, "answers", student, assignment, notebook, ".jsonl")
-        done = plan.results.get(key) if plan is not None else None
-        if done is not None and done[0] == notebook_digest(data):
-            _, result, mode = done
-            limits = self.limits()
+        run = PlannedRun(key, data, answers)
+        if self.plan:
+            plan = ExecutionPlan(self.plan)
+            result = plan.result(key, data)
+            if result is None:  # the first pass: set it aside for the grader's pool
+                plan.collect(run)
+                apply_results(nb, RunResult(status="error", reason="not run yet"))
+                return nb, resources
         else:
-            box = Sandbox.create(self.sandbox, self.limits(),
-                                 CourseView.default(self.checks_path), self.sandbox_uid,
-                                 warn=warn)
-            result = box.run(data, answers_dest=answers)
-            mode, limits = box.mode, box.limits
-        apply_results(nb, result, limits)
+            result = self._run_here(run)
+        apply_results(nb, result)
         report = {
             "status": result.status, "reason": result.reason,
             "running": result.running, "interrupted": result.interrupted,
             "elapsed": round(result.elapsed, 2), "peak_memory_mb": round(result.peak_memory_mb),
             "peak_tasks": result.peak_tasks, "survivors": result.survivors,
-            "sandbox": mode, "answers": answers, "marker": result.marker, "uid": result.uid,
+            "sandbox": result.mode, "answers": answers, "marker": result.marker,
+            "uid": result.uid, "leftovers": result.leftovers[:20],
+            "answers_truncated": result.answers_truncated,
             "cells": [{"index": i, "grade_id": c.metadata.get("nbgrader", {}).get("grade_id")}
                       for i, c in enumerate(nb.cells)],
             "log": result.log[-2000:],
@@ -132,6 +89,23 @@ class SandboxedExecute(Execute):
             self.log.error("%d process(es) of %s/%s survived the sandbox", result.survivors,
                            student, assignment)
         return nb, resources
+
+    def _run_here(self, run: PlannedRun) -> RunResult:
+        """A plain nbgrader command: the same plan, run at once on a pool of one."""
+        import tempfile
+
+        from .coursecode import CourseCode
+        from .sandbox import Sandbox
+
+        with tempfile.TemporaryDirectory(prefix="paralab-plan-") as folder:
+            plan = ExecutionPlan(folder)
+            plan.collect(run)
+            code = CourseCode.build(os.path.join(folder, "course"), self.checks_path)
+            box = Sandbox.create(self.sandbox, Limits.from_dict(dict(self.limits)), code,
+                                 self.sandbox_uid, warn=self.log.warning)
+            run_plan(plan, box, 1)
+            return plan.result(run.key, run.notebook) or \
+                RunResult(status="error", reason="the notebook did not run")
 
 
 class ShieldMarkers(NbGraderPreprocessor):

@@ -9,18 +9,25 @@ zeros, so each one is named here instead:
   graded under its expected name when found (*renamed notebook*);
 * test cells that were edited, deleted or had their nbgrader metadata or ids changed are
   restored from the release (*tests tampered*, *tests deleted*, *cell metadata changed*);
-* a changed kernel is set back to ``python3`` (*kernel changed*).
+* a changed kernel is set back to ``python3`` (*kernel changed*);
+* a zip member that cannot be read (bad CRC, truncated) or is larger than the notebook
+  limit is that student's problem, reported in their row, never the whole run's.
+
+Student folders may have any name a file system allows (``zoë``, ``ann marie``, ``张三``):
+nbgrader gets a safe id made from it (:func:`student_id`), ``grades.csv`` and the feedback
+folders keep the name.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
 import os
 import re
-import shutil
 import stat
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +36,6 @@ MAX_NOTEBOOK_BYTES = 50 * 2**20
 ZIP_MAX_TOTAL = 4 * 2**30
 ZIP_MAX_FILES = 50_000
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}$")
-FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +()-]{0,99}$")
 _KEEP_CELL_META = ("nbgrader", "tags", "deletable", "editable")
 _NBGRADER_KEYS = ("grade", "grade_id", "locked", "points", "solution", "task", "cell_type")
 
@@ -42,12 +48,24 @@ class InputError(Exception):
 # Input: folder or zip
 
 
-def extract_zip(path: str, dest: str) -> list[str]:
-    """Extract the notebooks of a zip safely into ``dest``; returns warnings.
+@dataclass
+class Extracted:
+    """What :func:`extract_zip` did: warnings for the instructor, and the members that
+    belong to a student but could not be used (extracted path -> the status to give)."""
 
-    Only ``*.ipynb`` members are extracted.  Absolute paths, ``..`` components, links,
-    encrypted members and anything beyond the size caps are skipped."""
-    warnings = []
+    warnings: list[str] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def extract_zip(path: str, dest: str) -> Extracted:
+    """Extract the notebooks of a zip safely into ``dest``.
+
+    Only ``*.ipynb`` members are extracted.  Absolute paths, ``..`` components, links and
+    encrypted members are skipped with a warning.  A member that cannot be read (bad CRC,
+    truncated data) or that is larger than the notebook limit is left as an empty file and
+    listed in ``problems``, so that its student gets a row saying so."""
+    out = Extracted()
+    warnings = out.warnings
     total = 0
     try:
         archive = zipfile.ZipFile(path)
@@ -59,11 +77,22 @@ def extract_zip(path: str, dest: str) -> list[str]:
             raise InputError(f"{path} has {len(members)} members (more than {ZIP_MAX_FILES})")
         for info in members:
             name = info.filename
+            parts = name.replace("\\", "/").rstrip("/").split("/")
+            unsafe = name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or \
+                any(p in ("..", ".", "") for p in parts) or "__MACOSX" in parts or \
+                any("\x00" in p for p in parts)
             if info.is_dir() or not name.lower().endswith(".ipynb"):
+                # not extracted, but its folder is: a student who sent only other files
+                # gets a row ("missing notebook") like in a folder of submissions
+                if not unsafe:
+                    folder = parts if info.is_dir() else parts[:-1]
+                    if folder:
+                        try:
+                            os.makedirs(os.path.join(dest, *folder), exist_ok=True)
+                        except OSError:
+                            pass
                 continue
-            parts = name.replace("\\", "/").split("/")
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or \
-                    any(p in ("..", "") for p in parts) or "__MACOSX" in parts:
+            if unsafe:
                 warnings.append(f"skipped zip member {name!r} (unsafe or system path)")
                 continue
             mode = info.external_attr >> 16
@@ -73,29 +102,62 @@ def extract_zip(path: str, dest: str) -> list[str]:
             if info.flag_bits & 0x1:
                 warnings.append(f"skipped zip member {name!r} (encrypted)")
                 continue
+            target = os.path.join(dest, *parts)
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError as e:
+                warnings.append(f"skipped zip member {name!r} ({e.strerror or e})")
+                continue
             if info.file_size > MAX_NOTEBOOK_BYTES:
-                warnings.append(f"skipped zip member {name!r} (larger than "
-                                f"{MAX_NOTEBOOK_BYTES // 2**20} MiB)")
+                _placeholder(target)
+                out.problems[target] = _too_large()
+                warnings.append(f"zip member {name!r} is larger than "
+                                f"{MAX_NOTEBOOK_BYTES // 2**20} MiB: not graded")
                 continue
             total += info.file_size
             if total > ZIP_MAX_TOTAL:
                 raise InputError(f"{path} unpacks to more than {ZIP_MAX_TOTAL // 2**30} GiB")
-            target = os.path.join(dest, *parts)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            written = 0
-            with archive.open(info) as src, open(target, "wb") as out:
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    written += len(chunk)
-                    if written > MAX_NOTEBOOK_BYTES:  # the header lied about the size
-                        break
-                    out.write(chunk)
-            if written > MAX_NOTEBOOK_BYTES:
-                os.remove(target)
-                warnings.append(f"skipped zip member {name!r} (larger than its header says)")
-    return warnings
+            problem = _extract_member(archive, info, target)
+            if problem is not None:
+                _placeholder(target)
+                out.problems[target] = problem
+                warnings.append(f"zip member {name!r}: {problem}")
+    return out
+
+
+def _too_large() -> str:
+    return f"malformed notebook (larger than {MAX_NOTEBOOK_BYTES // 2**20} MiB)"
+
+
+def _placeholder(target: str) -> None:
+    """An empty file where an unusable member was, so that its folder is found."""
+    try:
+        with open(target, "wb"):
+            pass
+    except OSError:
+        pass
+
+
+def _extract_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: str
+                    ) -> str | None:
+    """Extract one member; the status of its student when it cannot be used."""
+    written = 0
+    try:
+        with archive.open(info) as src, open(target, "wb") as out:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > MAX_NOTEBOOK_BYTES:  # the header lied about the size
+                    return _too_large()
+                out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+            NotImplementedError, RuntimeError) as e:
+        # a bad CRC, a truncated member, an unsupported compression method...
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        return f"corrupt archive member {os.path.basename(target)!r} ({reason})"
+    return None
 
 
 def class_root(path: str, assignments: list[str]) -> str:
@@ -127,9 +189,10 @@ def _subdirs(path: str) -> list[str]:
 class Found:
     """One ``<student>/<assignment>/`` folder of the input."""
 
-    student: str
+    student: str             # the folder's name, as the instructor named it
     assignment: str          # the folder's name (may not be a known assignment)
     folder: str
+    sid: str = ""            # the student's id for nbgrader (see student_id)
     notebooks: dict[str, str] = field(default_factory=dict)  # expected name -> file
     renamed: dict[str, str] = field(default_factory=dict)    # expected name -> what it was
     missing: list[str] = field(default_factory=list)
@@ -142,24 +205,36 @@ def discover(root: str, expected: dict[str, list[str]], releases: dict[str, dict
     assignment to its notebook names, ``releases`` to {name: release notebook}."""
     found, warnings = [], []
     for student in _subdirs(root):
-        if not STUDENT_ID.match(student):
-            warnings.append(f"skipped folder {student!r}: not a valid student id (letters, "
-                            f"digits and . _ @ + -)")
-            continue
         loose = [f for f in sorted(os.listdir(os.path.join(root, student)))
                  if f.lower().endswith(".ipynb")]
         if loose and not _subdirs(os.path.join(root, student)):
             warnings.append(f"skipped {student}/{loose[0]}: notebooks go in "
                             f"{student}/<assignment>/ (one folder per assignment)")
         for folder in _subdirs(os.path.join(root, student)):
-            if not FOLDER_NAME.match(folder):
-                warnings.append(f"skipped folder {student}/{folder!r}: unusual name")
-                continue
-            item = Found(student, folder, os.path.join(root, student, folder))
+            item = Found(student, folder, os.path.join(root, student, folder),
+                         sid=student_id(student))
             if folder in expected:
                 match_notebooks(item, expected[folder], releases.get(folder, {}))
             found.append(item)
     return found, warnings
+
+
+def student_id(name: str) -> str:
+    """The id nbgrader knows a student by: the folder's name when it is a plain id
+    (letters, digits and ``. _ @ + -``), otherwise an ASCII rendering of it with a hash of
+    the exact name (``zoë`` -> ``zoe-5d41402a``, ``张三`` -> ``student-...``), so that two
+    names never share an id and grading the same folder again finds the same student."""
+    if STUDENT_ID.match(name):
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    ascii_ = unicodedata.normalize("NFKD", display_name(name)).encode("ascii", "ignore")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", ascii_.decode()).strip("-").lower()[:40]
+    return f"{slug or 'student'}-{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
+def display_name(name: str) -> str:
+    """``name`` as text (a name that is not UTF-8 shows replacement characters)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _notebook_files(folder: str) -> list[str]:
@@ -465,7 +540,7 @@ def copy_original(src: str, dest: str) -> None:
 
 
 def clear_dir(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+    from .trees import remove_tree
+    problems = remove_tree(path)
+    if problems:
+        raise OSError(f"could not remove {path}: {problems[0]}")

@@ -20,8 +20,11 @@ import zipfile
 import pytest
 
 from autograder import corpus
+from autograder import submissions as subs
+from autograder.submissions import MAX_NOTEBOOK_BYTES
 from autograder.course import Course, generate, secret_lines
-from autograder.sandbox import MARKER_ENV, bwrap_status, list_processes
+from autograder.bwrap import bwrap_status
+from autograder.processes import MARKER_ENV, list_processes
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +34,42 @@ BWRAP, WHY = bwrap_status()
 needs_bwrap = pytest.mark.skipif(
     BWRAP is None, reason=f"{WHY}: the sandboxed grading tests need bubblewrap "
                           f"(apt-get install bubblewrap)")
-LIMITS = ["--cell-timeout", "10", "--notebook-timeout", "90", "--memory-mb", "2048",
-          "--max-procs", "128"]
+WORK_MB = 64
+WORLD = """
+import time
+import torch.distributed as dist
+from paralab.launch import run
+
+
+def one(rank, world_size):
+    dist.barrier()
+    return rank
+
+
+start = time.monotonic()
+run(one, 2, timeout=120)
+print(time.monotonic() - start)
+"""
+
+
+def _cell_timeout() -> str:
+    """The toy's 2-rank cell starts a world in 2-4 s on an idle machine: 10 s per cell
+    then leaves room, and keeps the deliberate timeouts of the corpus short.  On a loaded
+    machine the same world takes longer: the limit grows with a world started now, from a
+    fresh process as the notebook's is (three times its start-up time, at least 10 s)."""
+    proc = subprocess.run([sys.executable, "-c", WORLD], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        seconds = float(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return "10"
+    return str(max(10, round(3 * seconds)))
+
+
+@pytest.fixture(scope="session")
+def limits():
+    return ["--cell-timeout", _cell_timeout(), "--notebook-timeout", "90", "--memory-mb",
+            "2048", "--max-procs", "128", "--work-size-mb", str(WORK_MB)]
 DEADLOCK = ("q5_answer", "import time\nimport torch.distributed as dist\n\n\n"
                          "def rank_sum(rank, world_size):\n"
                          "    t = torch.tensor([rank + 1.0])\n"
@@ -46,13 +83,16 @@ CASES = ["correct", "release", "exception", "syntax_error", "infinite_loop",
          "ignores_interrupt", "memory_bomb", "fork_bomb", "output_flood", "tampered_test",
          "deleted_test", "metadata", "renamed_grade_id", "cell_ids", "kernel", "malformed",
          "missing", "renamed", "monkeypatch", "read_secrets", "network", "write_outside",
-         "deadlock", "bob", "carol"]
+         "deadlock", "deep_tree", "kill_runner", *corpus.NAMES, "disk_filler", "host_paths",
+         "forged_record", "oversized", "bob", "carol"]
 ORDINARY = ["correct", "exception", "bob", "carol"]  # graded alone, one at a time
 
 
-def grade(submissions, out, course_root, *extra, env=None):
+def grade(submissions, out, course_root, limits, *extra, env=None, tmpdir=None):
     cmd = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
-           "--course-root", str(course_root), *LIMITS, *extra]
+           "--course-root", str(course_root), *limits, *extra]
+    if tmpdir is not None:  # where the grader's own temporary files go
+        env = dict(env or os.environ, TMPDIR=str(tmpdir))
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     proc.seconds = time.monotonic() - t0
@@ -98,7 +138,7 @@ def ordinary_students(release, source):
 
 
 @pytest.fixture(scope="session")
-def batch(toy, tmp_path_factory):
+def batch(toy, limits, tmp_path_factory):
     """The whole corpus and the ordinary students, graded in one run."""
     if BWRAP is None:
         pytest.skip(f"{WHY}: the sandboxed grading tests need bubblewrap")
@@ -114,16 +154,26 @@ def batch(toy, tmp_path_factory):
     write_paths = [os.path.join(course.root, f"pwned-{token}"), str(out / f"pwned-{token}"),
                    str(home / f"pwned-{token}"), f"/tmp/pwned-{token}",
                    str(klass / "bob" / "toy" / f"pwned-{token}")]
+    # what the sandbox must not show of the host: the checkout (but for the Python
+    # environment's own mount, which bubblewrap cannot hide), the course, the output,
+    # and the grader's temporary folders
+    from autograder.coursecode import PACKAGE_DIR, paralab_dir
+    scratch = base / "tmp"
+    scratch.mkdir()
+    hidden = [paralab_dir(), PACKAGE_DIR, course.root, str(out), str(scratch)]
     cases = corpus.adversarial_corpus("toy", "toy", release, source, deadlock=DEADLOCK,
-                                      read_paths=read_paths, write_paths=write_paths)
+                                      read_paths=read_paths, write_paths=write_paths,
+                                      work_size_mb=WORK_MB, hidden_paths=hidden,
+                                      forged=("test_column_shard", "column_shard"),
+                                      max_notebook_bytes=MAX_NOTEBOOK_BYTES)
     cases += ordinary_students(release, source)
     for case in cases:
         corpus.write_case(case, str(klass), "toy")
-    proc = grade(klass, out, course.root, "--jobs", "2")
+    proc = grade(klass, out, course.root, limits, "--jobs", "2", tmpdir=scratch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"course": course, "out": str(out), "class": str(klass), "proc": proc,
             "cases": {c.student: c for c in cases}, "write_paths": write_paths,
-            "source": source}
+            "source": source, "tmp": str(scratch)}
 
 
 @needs_bwrap
@@ -136,9 +186,25 @@ def test_one_run_grades_the_whole_class(batch):
     print(f"corpus of {len(CASES)} graded in {proc.seconds:.0f} s")
 
 
+def codec_reads_huge_integers() -> bool:
+    """Whether the clean re-check survives an integer too large for a float (the codec
+    fix of autograder/checks/codec.py)."""
+    from autograder.checks import DecodeError, decode
+    try:
+        decode({"tensor": [[10 ** 400]], "dtype": "float32", "shape": [1, 1]})
+    except DecodeError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
 @needs_bwrap
 @pytest.mark.parametrize("student", CASES)
 def test_each_submission_gets_its_status_and_score(batch, student):
+    if student == "forged_record" and not codec_reads_huge_integers():
+        pytest.xfail("the codec still raises OverflowError on a huge integer "
+                     "(autograder/checks/codec.py)")
     case = batch["cases"][student]
     row = by_student(batch["out"])[student]
     assert re.search(case.status, row["status"]), (case.about, row["status"])
@@ -175,6 +241,16 @@ def test_attacks_leave_no_trace_in_outputs_or_feedback(batch):
 
 
 @needs_bwrap
+def test_nothing_is_left_on_the_host(batch):
+    # the sandboxes ran in tmpfs; the grader's own folders went at the end of the run
+    assert os.listdir(batch["tmp"]) == []
+    runs = os.path.join(batch["out"], "course", "grader", "runs")
+    for student in os.listdir(runs):
+        report = json.load(open(os.path.join(runs, student, "toy", "toy.json")))
+        assert report["leftovers"] == [], student
+
+
+@needs_bwrap
 def test_no_process_survives(batch):
     # (other graders may run on this machine at the same time: look for this run's own
     # markers, which every process of a notebook inherits)
@@ -203,7 +279,9 @@ def test_gradebook_is_intact_and_matches_the_csv(batch):
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         students = {r[0] for r in con.execute("SELECT id FROM student")}
-    assert students == set(CASES)
+    # nbgrader knows every student by a plain id; grades.csv by the folder's name
+    assert students == {subs.student_id(name) for name in CASES}
+    assert all(subs.STUDENT_ID.match(s) for s in students)
     from autograder.grading import export_grades
     before = open(os.path.join(batch["out"], "grades.csv")).read()
     export_grades(batch["out"])
@@ -248,22 +326,29 @@ def _test_cells(html_text):
 
 
 @needs_bwrap
-def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path):
+def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, limits, tmp_path):
     archive = tmp_path / "class.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for student in ORDINARY:
-            z.write(os.path.join(batch["class"], student, "toy", "toy.ipynb"),
-                    f"submissions/{student}/toy/toy.ipynb")
+    release, source = corpus.load_pair(
+        os.path.join(batch["course"].assignments_dir, "toy", "toy.ipynb"),
+        batch["course"].sources("toy")["toy"])
+    # the ordinary students, with a member whose CRC is wrong and a notebook over the size
+    # limit: each of those two gets its row, and nobody else notices
+    broken = corpus.zip_cases("toy", "toy", release, source) + [batch["cases"]["oversized"]]
+    corpus.write_zip([batch["cases"][s] for s in ORDINARY] + broken, str(archive), "toy")
+    with zipfile.ZipFile(archive, "a") as z:
         info = zipfile.ZipInfo("submissions/../../escape.ipynb")
         z.writestr(info, "{}")
     out = tmp_path / "out"
-    proc = grade(archive, out, batch["course"].root, "--no-progress")
+    proc = grade(archive, out, batch["course"].root, limits, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped zip member 'submissions/../../escape.ipynb'" in proc.stderr
     alone, together = by_student(out), by_student(batch["out"])
-    assert set(alone) == set(ORDINARY)
+    assert set(alone) == set(ORDINARY) | {c.student for c in broken}
     for student in ORDINARY:
         assert alone[student] == together[student]
+    for case in broken:
+        assert re.search(case.status, alone[case.student]["status"]), alone[case.student]
+        assert float(alone[case.student]["score"]) == case.score
     assert not (tmp_path / "escape.ipynb").exists()
 
     # Re-grading into the same OUT: a changed submission replaces its row, a new student
@@ -279,10 +364,10 @@ def test_ordinary_students_graded_alone_from_a_zip_get_the_same(batch, tmp_path)
                       str(again), "toy")
     corpus.write_case(corpus.Case("dave", {"toy.ipynb": corpus.dumps(release)}, "", 0, ""),
                       str(again), "toy")
-    proc = grade(again, out, batch["course"].root, "--no-progress")
+    proc = grade(again, out, batch["course"].root, limits, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(out)
-    assert len(table) == len({(r["student"], r["assignment"]) for r in table}) == 5
+    assert len(table) == len({(r["student"], r["assignment"]) for r in table}) == 7
     after = by_student(out)
     assert after["bob"]["score"] == "7" and after["dave"]["score"] == "0"
     for student in ("correct", "exception", "carol"):

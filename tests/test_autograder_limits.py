@@ -14,14 +14,16 @@ import pytest
 
 from autograder import corpus
 from autograder.course import Course, generate
-from autograder.sandbox import MARKER_ENV, PidsCgroup, bwrap_status, list_processes
+from autograder.bwrap import bwrap_status
+from autograder.processes import MARKER_ENV, PidsCgroup, list_processes
 from autograder.submissions import InputError, class_root, extract_zip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "toy_course")
 BWRAP, WHY = bwrap_status()
+WORK_MB = 32
 LIMITS = ["--cell-timeout", "5", "--notebook-timeout", "8", "--memory-mb", "1024",
-          "--max-procs", "96"]
+          "--max-procs", "96", "--work-size-mb", str(WORK_MB)]
 SLEEPER = "import time\ntime.sleep(3.5)\n"
 
 
@@ -48,9 +50,11 @@ def mini(tmp_path_factory):
     return course, release, source
 
 
-def mini_class(mini, folder, names):
+def mini_class(mini, folder, names, sandboxed=True):
     course, release, source = mini
-    cases = {c.student: c for c in corpus.adversarial_corpus("mini", "mini", release, source)}
+    cases = {c.student: c for c in corpus.adversarial_corpus("mini", "mini", release, source,
+                                                             sandboxed=sandboxed,
+                                                             work_size_mb=WORK_MB)}
     good = corpus.solved_notebook(release, source)
     slow = good
     for _ in range(3):  # three cells of 3.5 s: each under the cell limit, together over
@@ -68,8 +72,9 @@ def mini_class(mini, folder, names):
 
 
 def grade(course, submissions, out, *extra, env=None):
+    # one notebook at a time: the wall-clock limits of these tests are tight
     cmd = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
-           "--course-root", course.root, "--no-progress", *LIMITS, *extra]
+           "--course-root", course.root, "--no-progress", "--jobs", "1", *LIMITS, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -98,11 +103,15 @@ def no_marked_process_left(out):
 
 @pytest.mark.slow
 def test_without_bubblewrap_limits_still_apply_and_one_warning_says_so(mini, tmp_path):
-    names = ["correct", "release", "infinite_loop", "memory_bomb", "sleeper", "malformed"]
+    names = ["correct", "release", "infinite_loop", "memory_bomb", "sleeper", "malformed",
+             "deep_tree", "kill_runner", "disk_filler"]
     if _fork_bomb_is_contained():
         names.append("fork_bomb")
-    cases = mini_class(mini, tmp_path / "class", names)
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no bwrap on the PATH
+    cases = mini_class(mini, tmp_path / "class", names, sandboxed=False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable),  # no bwrap on the PATH
+               TMPDIR=str(scratch))
     proc = grade(mini[0], tmp_path / "class", tmp_path / "out", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "WITHOUT a sandbox" in line]
@@ -115,6 +124,8 @@ def test_without_bubblewrap_limits_still_apply_and_one_warning_says_so(mini, tmp
         assert re.search(case.status, got[name]["status"]), (name, got[name]["status"])
         assert float(got[name]["score"]) == case.score, (name, got[name])
     assert no_marked_process_left(tmp_path / "out")
+    # the work directories were on this disk (the deep tree included): all gone
+    assert os.listdir(scratch) == []
     print(open(tmp_path / "out" / "course" / "grader" / "runs.log").read())
 
     mini_class(mini, tmp_path / "one", ["correct"])
@@ -172,11 +183,13 @@ def test_zip_extraction_skips_unsafe_members(tmp_path):
         z.writestr("__MACOSX/class/ann/mini/._mini.ipynb", "junk")
     dest = tmp_path / "x"
     dest.mkdir()
-    warnings = extract_zip(str(archive), str(dest))
+    extracted = extract_zip(str(archive), str(dest))
+    warnings = extracted.warnings
     found = sorted(os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest)
                    for f in fs)
     assert found == ["class/ann/mini/mini.ipynb"]
     assert len(warnings) == 4 and any("a link" in w for w in warnings)
+    assert extracted.problems == {}
     assert class_root(str(dest), ["mini"]) == str(dest / "class")
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a readable zip"):
@@ -198,10 +211,13 @@ def test_layout_problems_get_a_row_each(mini, tmp_path):
     os.symlink("/etc/passwd", klass / "ben" / "mini" / "other.ipynb")  # never followed
     proc = grade(course, klass, tmp_path / "out", "--no-sandbox")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "skipped folder 'bad name!'" in proc.stderr
     assert "skipped cid/mini.ipynb: notebooks go in cid/<assignment>/" in proc.stderr
     got = table(tmp_path / "out")
-    assert set(got) == {"ann", "ben"}
+    # any name a file system allows is a student (here one who sent an empty folder)
+    assert set(got) == {"ann", "ben", "bad name!"}
+    assert got["bad name!"]["status"] == ("missing notebook (mini.ipynb not found; found no "
+                                          "notebook)")
+    assert (tmp_path / "out" / "feedback" / "bad name!" / "mini" / "mini.html").exists()
     assert got["ann"]["status"] == "unknown assignment folder (expected one of: mini, toy)"
     assert got["ann"]["score"] == "0"
     assert got["ben"]["status"] == ("graded; renamed notebook: graded 'sub/mini.ipynb' as "
