@@ -116,6 +116,13 @@ def test_hidden_checks_cover_both_hidden_schedules():
     result = verdict("grads_hidden", together)
     assert not result.passed and result.message.startswith("random (p=4, 8 stages, m=4)")
     assert "give every message a tag" in result.message
+    # a hidden test's feedback says what is wrong, not what its schedule holds
+    wrong_peaks = recorded("interleaved", peaks=[1, 1, 1, 1])
+    together["ranks"] = [a + b for a, b in zip(wrong_peaks["ranks"], runs[1]["ranks"])]
+    result = verdict("peaks_hidden", together)
+    expected = simulate(hw3.CASES["interleaved"].schedule, 1, 2).peak_activations
+    assert not result.passed and "[1, 1, 1, 1]" in result.message
+    assert str(expected) not in result.message
 
 
 def test_no_loss_scaling_is_named():

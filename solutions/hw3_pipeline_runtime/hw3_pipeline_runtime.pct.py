@@ -28,8 +28,8 @@
 #   otherwise (naming the misconception when it is a known one). A test cell's points are
 #   shared among its checks; hidden tests run other schedules when the notebook is graded.
 # * The tests run your code on 2 or 4 processes (gloo, on the CPU) through
-#   `paralab.launch`; a run that is stuck for 5 s is stopped and reported, naming the ranks
-#   that were waiting and where.
+#   `paralab.launch`; a step still running 4 s after it started (a deadlock, usually) is
+#   stopped and reported, naming the ranks that were waiting and where.
 # * Do not use the library's executor: `paralab.pipeline`, `paralab.interpreter` and
 #   `paralab.lowering` are what you write here. When the notebook is graded, your runtime
 #   also runs once where they are not available.
