@@ -87,3 +87,21 @@ def test_simulate_refuses_what_a_schedule_cannot_take(capsys):
     assert cli.main(["simulate", "--schedule", "1f1b", "-p", "2", "-m", "4", "--tf", "1",
                      "--tb", "1", "--tfb", "1"]) == 2
     assert "never runs" in capsys.readouterr().err
+
+
+def test_gantt_frames_each_fused_unit():
+    import matplotlib
+    matplotlib.use("Agg")
+    from paralab import plots
+
+    timeline = simulate(schedules.dualpipe_v(2, 4), 1, 1, 1, t_fb=2)
+    ax = plots.gantt(timeline)
+    frames = {patch.get_gid(): patch for patch in ax.patches
+              if (patch.get_gid() or "").split(" ")[1:2] == ["unit"]}
+    units = [(r, "+".join(map(str, row[a:a + n]))) for r, row in enumerate(timeline.schedule.orders)
+             for a, n in timeline.schedule.fused[r]]
+    assert set(frames) == {f"{r} unit {text}" for r, text in units}
+    frame = frames["0 unit 0F3+3B1+3W1"]
+    # t_fb=2 per rank is 1 per chunk: the unit lasts 1, not its parts' 3 x 1/2
+    assert frame.get_width() == pytest.approx(1.0)
+    assert frame.get_x() == pytest.approx(float(timeline.event("0F3").start))
