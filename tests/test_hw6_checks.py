@@ -162,3 +162,33 @@ def test_gpt3_numbers():
 def test_mutants_name_only_checks_that_exist():
     for mutant in mutants.MUTANTS:
         assert mutant.fails <= set(hw6.CHECKS), mutant.name
+
+
+def test_the_probe_takes_every_generator_away_and_leaves_the_rest(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from autograder import probes
+
+    (probe,) = hw6.PROBES.values()
+    stripped = probes.strip_library(str(ROOT / "paralab"), probe.unavailable,
+                                    str(tmp_path / "copy"))
+    code = (mutants.COUNTING_AND_CHECKING
+            + "\nprint(zb_h1(5, 7).to_strings() == ZB)\n"
+            + "for name in ('zb_h1', 'zb_h2', 'zb_v', 'dualpipe_v', 'one_f_one_b', 'build'):\n"
+            + "    try:\n        getattr(schedules, name)\n        (getattr(schedules, name)"
+            + "(2, 2) if name != 'build' else schedules.build('zb-h1', 2, 2))\n"
+            + "    except paralab.ReferenceUnavailable:\n        print('unavailable', name)\n")
+    prelude = ("import paralab\nfrom paralab import schedules\n"
+               "from paralab.schedules import Action, Schedule, validate\n"
+               "from paralab.simulator import simulate\n"
+               f"ZB = {schedules.zb_h1(5, 7).to_strings()!r}\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(stripped), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, env=env, cwd=os.path.dirname(stripped), timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "True"  # the student's own order, built without the generators
+    assert {line.split()[1] for line in lines if line.startswith("unavailable")} == \
+        {"zb_h1", "zb_h2", "zb_v", "dualpipe_v", "one_f_one_b", "build"}
