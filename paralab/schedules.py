@@ -758,8 +758,9 @@ def dualpipe_v(p: int, m: int) -> Schedule:
         b = _RowBuilder()
         owed: list[Action] = []  # W's of split backwards, oldest first
 
-        def full_backward(stage):
-            return b.next("B", stage), b.next("W", stage)
+        def full_backward(stage):  # B and W of one microbatch, in one pass
+            action = b.next("B", stage)
+            return action, Action("W", action.microbatch, stage)
 
         def backward(stage, split):
             if split:
@@ -771,9 +772,7 @@ def dualpipe_v(p: int, m: int) -> Schedule:
 
         def pay_owed():
             if owed:
-                w = owed.pop(0)
-                b.count[("W", w.stage)] += 1
-                b.add(w)
+                b.add(owed.pop(0))
 
         for _ in range(2 * (p - r - 1)):
             b.add(b.next("F", down))
