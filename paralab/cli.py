@@ -158,6 +158,9 @@ def setup_simulate(parser: argparse.ArgumentParser) -> None:
                         help="weight-gradient time (a separate W in zb-h1, else added to B)")
     parser.add_argument("--comm", type=nonnegative_number, default=Fraction(0), metavar="C",
                         help="time to send activations or gradients to another rank")
+    parser.add_argument("--tfb", type=nonnegative_number, default=None, metavar="TFB",
+                        help="time of an overlapped forward + full backward on one rank "
+                             "(DualPipe's F&B, dualpipev; default: the sum, no overlap)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the text summary")
     parser.add_argument("--order", action="store_true",
@@ -185,11 +188,16 @@ def _simulate_command(args: argparse.Namespace) -> int:
 
     if args.v is not None and args.schedule != "interleaved":
         raise CLIError(f"-v (chunks per rank) only applies to --schedule interleaved, not "
-                       f"{args.schedule}: the other schedules hold one stage per rank")
+                       f"{args.schedule}: {_chunks_of(args.schedule)}")
     v = args.v if args.v is not None else (2 if args.schedule == "interleaved" else 1)
     schedule = build(args.schedule, args.p, args.m, v)
     costs = {name: _plain(getattr(args, name)) for name in ("tf", "tb", "tw", "comm")}
-    timeline = simulate(schedule, costs["tf"], costs["tb"], costs["tw"], costs["comm"])
+    fb = None if args.tfb is None else _plain(args.tfb)
+    if fb is not None and not schedule.fused:
+        raise CLIError(f"--tfb is the cost of an overlapped forward and backward, which "
+                       f"{args.schedule} never runs (dualpipev does)")
+    timeline = simulate(schedule, costs["tf"], costs["tb"], costs["tw"], costs["comm"],
+                        t_fb=fb)
     total = sum(len(row) for row in schedule.orders)
     with_order = args.order or total <= MAX_ORDER_ACTIONS
 
@@ -218,6 +226,12 @@ def _simulate_command(args: argparse.Namespace) -> int:
     if plot_note:
         print(plot_note)
     return 0
+
+
+def _chunks_of(name: str) -> str:
+    if name in ("zb-v", "dualpipev"):
+        return "it holds two chunks per rank, placed in a V (stages r and 2p-1-r)"
+    return "it holds one stage per rank"
 
 
 def _write_json(summary: dict, schedule=None) -> None:

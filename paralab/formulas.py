@@ -56,6 +56,15 @@ SYMBOLS["bytes_per_element"] = e
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
+# The DeepSeek-V3 report's notation (Table 2), per *chunk* of the model: ``F`` a forward,
+# ``B`` a FULL backward (input and weight gradients), ``W`` its weight-gradient part, ``FB``
+# (F&B) a forward and a full backward of two microbatches overlapped, ``PP`` the number of
+# pipeline stages.  Kept apart from SYMBOLS: its ``B`` is not the batch size, and not our
+# ``t_b`` either (``B = t_b + t_w``).
+PP = sp.Symbol("PP", positive=True, integer=True)
+F_chunk, B_full, W_chunk, FB = sp.symbols("F B W FB", positive=True)
+DEEPSEEK_SYMBOLS = {"PP": PP, "F": F_chunk, "B": B_full, "W": W_chunk, "FB": FB}
+
 
 def _backward(with_w: bool):
     """What one backward costs: ``t_b``, or ``t_b + t_w`` when it also computes W."""
@@ -144,8 +153,9 @@ def interleaved_time_derivation() -> dict:
 
 
 def interleaved_time():
-    """Interleaved 1F1B step time ``m (t_f+t_b) + (p-1)(t_f+t_b)/v`` (requires ``m % p == 0``):
-    the work plus the fill and drain of :func:`interleaved_time_derivation`."""
+    """Interleaved 1F1B step time ``m (t_f+t_b) + (p-1)(t_f+t_b)/v`` for any ``m >= p``
+    (with the microbatch groups of :func:`paralab.schedules.interleaved_one_f_one_b`): the
+    work plus the fill and drain of :func:`interleaved_time_derivation`."""
     parts = interleaved_time_derivation()
     return parts["work"] + sp.factor(parts["fill"] + parts["drain"])
 
@@ -192,6 +202,66 @@ def zb_h1_time():
     """ZB-H1 step time: the work ``m (t_f + t_b + t_w)`` plus :func:`zb_h1_bubble`.
     Valid for ``m >= p`` and ``t_w <= min(t_f, t_b)``."""
     return ideal_time(with_w=True) + zb_h1_bubble()
+
+
+# -- ZB-H2, and the papers' tables -----------------------------------------------------------------
+def zb_h2_bubble():
+    """ZB-H2's bubble ``(p-1)(t_f + t_b - 2 t_w)`` (Qi et al. 2024, section 2.2): zero when
+    ``t_f + t_b = 2 t_w``, e.g. all three equal.
+
+    It is the idle time *inside* a rank's span -- from its first forward to its last W --
+    (:attr:`paralab.timeline.Timeline.span_idle`, largest on rank 0): ZB-H2's layout is a
+    parallelogram, rank ``r`` starts ``r t_f`` after rank 0 and ends after it too, and that
+    shift is not lost when the next step's forwards start on each rank as soon as it is
+    done (no global synchronisation between steps: the paper's optimizer post-validation).
+    Checked against the simulator for ``m >= 2p - 1`` and ``t_w <= min(t_f, t_b)``."""
+    return (p - 1) * (t_f + t_b - 2 * t_w)
+
+
+def zb_paper_table() -> dict:
+    """The Zero Bubble paper's comparison (Qi et al. 2024, section 2), in its notation: ``t_b``
+    is the backward for the stage *input* only, so a full backward costs ``t_b + t_w``.
+    Per schedule: ``bubble`` (a rank's idle time per step) and ``peak_activations`` (most
+    microbatches whose activations rank 0 holds: ``p M_B`` and ``(2p-1) M_B`` there)."""
+    return {
+        "1f1b": {"bubble": bubble_time("1f1b", with_w=True), "peak_activations": p},
+        "zb-h1": {"bubble": zb_h1_bubble(), "peak_activations": p},
+        "zb-h2": {"bubble": zb_h2_bubble(), "peak_activations": 2 * p - 1},
+    }
+
+
+def deepseek_table() -> dict:
+    """Table 2 of the DeepSeek-V3 report (DualPipe), in its notation (:data:`DEEPSEEK_SYMBOLS`:
+    per chunk, ``B`` the FULL backward).  Per schedule: ``bubble``, ``parameters`` per rank
+    (1 = one chunk, a ``1/PP`` share of the model) and ``activations`` (most chunk
+    activations a rank holds).
+
+    * 1F1B, ``(PP-1)(F+B)``: the (p-1)(t_f+t_b+t_w) of the Zero Bubble paper, with B full;
+    * ZB1P (= ZB-H1), ``(PP-1)(F+B-2W)``: the Zero Bubble paper's (p-1)(t_f+t_b-t_w), whose
+      ``t_b`` is the input-gradient part only, ``B - W`` -- the same number written twice;
+    * DualPipe, ``(PP/2-1)(F&B+B-3W)``, two copies of the parameters and ``PP+1`` chunk
+      activations; DualPipeV (one copy cut in half: ``PP`` chunks on ``PP/2`` ranks) has the
+      same bubble and memory per rank.  The simulator reproduces it (largest idle time of a
+      rank, :func:`paralab.schedules.dualpipe_v` with ``PP = 2p``) when ``F = B - W``,
+      ``W <= F`` and ``max(F, B) <= F&B <= F + B``: the report's costs are those of a
+      balanced model, whose forward costs as much as the input-gradient backward."""
+    return {
+        "1f1b": {"bubble": (PP - 1) * (F_chunk + B_full), "parameters": sp.Integer(1),
+                 "activations": PP},
+        "zb1p": {"bubble": (PP - 1) * (F_chunk + B_full - 2 * W_chunk),
+                 "parameters": sp.Integer(1), "activations": PP},
+        "dualpipe": {"bubble": (PP / 2 - 1) * (FB + B_full - 3 * W_chunk),
+                     "parameters": sp.Integer(2), "activations": PP + 1},
+    }
+
+
+def from_deepseek(expr, num_stages=None):
+    """``expr`` in DeepSeek's notation rewritten in ours: ``F -> t_f``, ``B -> t_b + t_w``
+    (the full backward), ``W -> t_w``, ``FB`` stays, and ``PP -> num_stages`` (default
+    ``p``: one stage per rank, as in 1F1B and ZB-H1).  With it, DeepSeek's ZB1P row *is*
+    :func:`zb_h1_bubble`."""
+    stages = p if num_stages is None else num_stages
+    return sp.expand(expr.subs({F_chunk: t_f, B_full: t_b + t_w, W_chunk: t_w, PP: stages}))
 
 
 # -- bubbles and the three ratios -------------------------------------------------------------
@@ -255,37 +325,42 @@ def _forwards_in_total(schedule: str):
     return m * v if schedule == "interleaved" else m
 
 
-def _warmup_wanted(schedule: str, rank):
+def _warmup_wanted(schedule: str, rank, group=None):
     if schedule == "gpipe":
         return m
     if schedule in ("1f1b", "zb-h1"):
         return p - rank - 1
+    if schedule == "zb-h2":
+        return 2 * (p - rank - 1)
     if schedule == "interleaved":
-        return 2 * (p - rank - 1) + (v - 1) * p
+        return 2 * (p - rank - 1) + (v - 1) * (p if group is None else group)
     raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
 
 
-def warmup_forwards(schedule: str, rank=r):
+def warmup_forwards(schedule: str, rank=r, group=None):
     """Forwards rank ``rank`` runs before its first backward (chunk forwards for interleaved).
 
     GPipe runs all ``m``.  1F1B (and ZB-H1, which keeps its F/B order) runs ``p-r-1``: just
-    enough that a gradient can arrive as it finishes.  Interleaved runs ``2(p-r-1)`` plus one
-    round of ``p`` for each chunk after the first -- Megatron-LM's warm-up.  Never more than
-    there are."""
+    enough that a gradient can arrive as it finishes; ZB-H2 twice that, ``2(p-r-1)``, to
+    stay busy until then.  Interleaved runs ``2(p-r-1)`` plus one group of ``group``
+    microbatches (default ``p``) for each chunk after the first -- Megatron-LM's warm-up.
+    Never more than there are."""
     if schedule == "gpipe":
         return m
-    return sp.Min(_forwards_in_total(schedule), _warmup_wanted(schedule, rank))
+    return sp.Min(_forwards_in_total(schedule), _warmup_wanted(schedule, rank, group))
 
 
-def peak_activations(schedule: str, rank=r):
+def peak_activations(schedule: str, rank=r, group=None):
     """Most (microbatch, stage) activations rank ``rank`` holds at once (in chunk units for
     interleaved).  GPipe holds all ``m``.  The others hold their warm-up forwards plus the
     one forward of the steady state that runs before the first backward frees anything;
-    never more than they run in total: ``min(m, p-r)`` for 1F1B and ZB-H1,
-    ``min(m v, 2(p-r-1) + (v-1)p + 1)`` for interleaved."""
+    never more than they run in total: ``min(m, p-r)`` for 1F1B and ZB-H1, ``min(m,
+    2(p-r)-1)`` for ZB-H2, ``min(m v, 2(p-r-1) + (v-1)N + 1)`` for interleaved with groups
+    of ``N = group`` microbatches (default ``p``; see
+    :func:`paralab.schedules.megatron_group_size` when ``p`` does not divide ``m``)."""
     if schedule == "gpipe":
         return m
-    return sp.Min(_forwards_in_total(schedule), _warmup_wanted(schedule, rank) + 1)
+    return sp.Min(_forwards_in_total(schedule), _warmup_wanted(schedule, rank, group) + 1)
 
 
 # -- how many microbatches? -----------------------------------------------------------------------
@@ -299,8 +374,10 @@ def min_microbatches(p_value: int, target, quantity: str = "bubble_fraction",
 
     ``quantity`` is ``bubble_fraction`` (bubble/T), ``bubble_overhead`` (bubble/ideal) or
     ``time_ratio`` (T/ideal, then ``target`` is e.g. 1.05).  With ``v_value`` the interleaved
-    formulas are used (and the answer is rounded up to a multiple of ``p``).  SymPy solves the
-    inequality over the reals; the answer is the first integer in the solution set.
+    formulas are used (and the answer is rounded up to a multiple of ``p``, Megatron's
+    default group size; any ``m >= p`` also works, see
+    :func:`paralab.schedules.interleaved_one_f_one_b`).  SymPy solves the inequality over
+    the reals; the answer is the first integer in the solution set.
     Floats are read as the decimal they print as (0.05 -> 1/20), so the answer is exact.
 
     >>> min_microbatches(4, 0.05)

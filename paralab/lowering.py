@@ -113,6 +113,57 @@ def message_orders(programs) -> dict:
     return orders
 
 
+def post_in_send_order(programs) -> tuple[Program, ...]:
+    """The programs with receives moved earlier so that, for every pair of ranks, the
+    receiver posts its receives in the order the sender sends -- what NCCL, which matches a
+    pair's messages in posting order, needs.
+
+    :func:`lower` places a receive where its data is needed.  For most schedules that is
+    already the senders' order; with the V placement (ZB-V, DualPipeV) two ranks exchange
+    activations *and* gradients in both directions, and a rank may need a gradient before
+    an activation its neighbour sent first.  Here the receive of each message moves up to
+    the earliest need of it or of any message sent after it by the same sender
+    (``torch.distributed.pipelining`` places receives where the sender sends, which has
+    the same effect).  No new waiting is created: a rank that now waits for message ``k``
+    at a point where it used to wait for a later message ``j`` of the same sender gets
+    ``k`` no later than ``j``, since the sender sends ``k`` first.  Programs whose orders
+    already agree come back unchanged."""
+    sends = {}  # (src, dst) -> keys in the order src sends them
+    for program in programs:
+        for step in program:
+            if step.kind.startswith("SEND"):
+                sends.setdefault((step.message.src, step.message.dst), []).append(
+                    step.message.key)
+    out = []
+    for dst, program in enumerate(programs):
+        anchor = {}  # message key -> index of the compute step that consumes it
+        for index, step in enumerate(program):
+            if step.kind.startswith("RECV"):
+                consumer = next(k for k in range(index + 1, len(program))
+                                if program[k].kind in COMPUTE)
+                anchor[step.message.key] = consumer
+        hoisted = {}  # message key -> (anchor index, source, rank in the sender's order)
+        for (src, to), keys in sends.items():
+            if to != dst:
+                continue
+            earliest = len(program)
+            for k in range(len(keys) - 1, -1, -1):
+                earliest = min(earliest, anchor[keys[k]])
+                hoisted[keys[k]] = (earliest, src, k)
+        receives = sorted((hoisted[s.message.key], s) for s in program
+                          if s.kind.startswith("RECV"))
+        steps, r = [], 0
+        for index, step in enumerate(program):
+            if step.kind.startswith("RECV"):
+                continue
+            while r < len(receives) and receives[r][0][0] == index:
+                steps.append(receives[r][1])
+                r += 1
+            steps.append(step)
+        out.append(tuple(steps))
+    return tuple(out)
+
+
 def format_programs(programs) -> str:
     """One line per rank: ``rank 1: 1RECV_F0 1F0 1SEND_F0 ...``."""
     return "\n".join(f"rank {r}: " + " ".join(str(step) for step in program)

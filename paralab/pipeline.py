@@ -139,7 +139,8 @@ class PipelineResult:
 def run_pipeline(schedule: Schedule, model: PipelineModel = PipelineModel(), *,
                  synthetic: Sequence[float] | None = None, recompute: bool = False,
                  timeout: float = 60.0, backend: str = "auto", echo: bool = True,
-                 check_deadlock: bool = True) -> PipelineResult:
+                 check_deadlock: bool = True,
+                 sender_order: bool | None = None) -> PipelineResult:
     """Execute one training step of ``schedule`` on ``schedule.num_ranks`` processes.
 
     ``synthetic=(t_f, t_b[, t_w])`` in seconds *per rank* (split evenly over the chunks of
@@ -147,10 +148,18 @@ def run_pipeline(schedule: Schedule, model: PipelineModel = PipelineModel(), *,
     computes for real, then sleeps out the rest of its cost; the simulator's timeline for
     those costs comes back as ``simulated``.  The schedule is validated and checked for
     deadlock before any process starts, so a broken schedule fails at once with a clear
-    message (``check_deadlock=False`` skips the latter, to watch a deadlock happen)."""
+    message (``check_deadlock=False`` skips the latter, to watch a deadlock happen).
+
+    ``sender_order``: post every pair's receives in the order the sender sends
+    (:func:`paralab.lowering.post_in_send_order`), which NCCL needs for the V placement
+    (ZB-V, DualPipeV); by default only on NCCL and only when the plain lowering's orders
+    differ.  ``True`` forces it (gloo runs it just as well)."""
     ensure_valid(schedule)
     programs = lowering.lower(schedule)
-    if launch._resolve_backend(backend, schedule.num_ranks) == "nccl":
+    nccl = launch._resolve_backend(backend, schedule.num_ranks) == "nccl"
+    if sender_order or (sender_order is None and nccl and _orders_differ(programs)):
+        programs = lowering.post_in_send_order(programs)
+    if nccl:
         check_message_order(schedule, programs)
     costs = _synthetic_costs(synthetic, schedule)
     simulated = None
@@ -184,6 +193,11 @@ def message_orders(schedule: Schedule) -> dict:
     return lowering.message_orders(lowering.lower(schedule))
 
 
+def _orders_differ(programs) -> bool:
+    return any(sent != received
+               for sent, received in lowering.message_orders(programs).values())
+
+
 def check_message_order(schedule: Schedule, programs=None) -> None:
     """Raise :class:`ScheduleError` if some pair of ranks would post its messages in
     different orders on the two sides (fatal on NCCL, see :func:`message_orders`).
@@ -197,7 +211,16 @@ def check_message_order(schedule: Schedule, programs=None) -> None:
                 f"rank {src} sends its messages to rank {dst} in a different order than rank "
                 f"{dst} needs them (message {k}: sends the {sent[k][0]} of microbatch "
                 f"{sent[k][1]}, needs the {needed[k][0]} of microbatch {needed[k][1]}); NCCL "
-                f"matches point-to-point messages in order, so this schedule runs on gloo only")
+                f"matches point-to-point messages in order, so as lowered this schedule runs "
+                f"on gloo only{_hint(programs)}")
+
+
+def _hint(programs) -> str:
+    """What to do when receives posted in the senders' order would agree."""
+    if _orders_differ(lowering.post_in_send_order(programs)):
+        return ""
+    return ("; posting each receive in the sender's order (lowering.post_in_send_order, "
+            "which run_pipeline does on NCCL) makes both sides agree")
 
 
 def _synthetic_costs(synthetic, schedule: Schedule):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from . import formulas
 from .timeline import Timeline
@@ -81,6 +81,7 @@ def gantt(timeline: Timeline, ax=None, title: str | None = None, labels: bool = 
                     ax.text(left + width / 2, e.rank, str(e.action.microbatch), ha="center",
                             va="center", fontsize=7, clip_on=True,
                             color="black" if op == "W" else "white")
+        _outline_units(timeline, ax, origin, height)
     else:
         for rank in range(p):
             for op in ("F", "B", "W"):
@@ -100,10 +101,30 @@ def gantt(timeline: Timeline, ax=None, title: str | None = None, labels: bool = 
     if chunks > 1:
         handles += [Patch(facecolor="white", edgecolor="black", label=f"chunk {c}",
                           hatch=CHUNK_HATCHES[c % len(CHUNK_HATCHES)]) for c in range(chunks)]
+    if timeline.schedule.fused:
+        handles.append(Patch(facecolor="none", edgecolor="black", linewidth=2,
+                             label="fused unit (F&B, or B+W)"))
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
                   frameon=False)
     return ax
+
+
+def _outline_units(timeline: Timeline, ax, origin: float, height: float) -> None:
+    """Frame each fused unit (an overlapped F&B, or a full backward B+W): its parts are
+    drawn one after the other, the frame says they run as one.  ``gid`` is
+    ``"<rank> unit <text>"``, e.g. ``"0 unit 3F5+4B1+4W1"``."""
+    schedule = timeline.schedule
+    for rank, units in enumerate(schedule.fused):
+        row = schedule.orders[rank]
+        for start, length in units:
+            parts = [timeline.event(a) for a in row[start:start + length]]
+            left = float(min(e.start for e in parts)) - origin
+            width = float(max(e.end for e in parts)) - origin - left
+            frame = Rectangle((left, rank - height / 2 - 0.06), width, height + 0.12,
+                              fill=False, edgecolor="black", linewidth=1.8)
+            frame.set_gid(f"{rank} unit " + "+".join(str(a) for a in row[start:start + length]))
+            ax.add_patch(frame)
 
 
 def compare_gantt(timelines: Mapping[str, Timeline], figsize=None):

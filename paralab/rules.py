@@ -14,6 +14,13 @@ needs have finished), their deadlock report (which need never finishes), the low
 per-rank programs with explicit sends and receives (a need across ranks is a message), and,
 through the lowering, the executor and the NCCL order check.
 
+Where a stage runs is the schedule's data (``Schedule.rank_of``: Megatron's loop ``stage %
+p``, or the V shape of ZB-V and DualPipeV), so the same rules hold for every placement.  A
+*fused unit* -- consecutive actions of one rank that run as one kernel (a full backward
+``B`` + ``W``, or DualPipe's overlapped forward and backward ``F`` + ``B`` + ``W`` of two
+microbatches) -- needs what its actions need from outside it, and everything it computes is
+ready when the whole unit ends (:func:`unit_kind` says which units exist).
+
 A need that hands data from one stage to another (``carries`` an activation or a gradient)
 becomes a *message* when the two stages live on different ranks; when they share a rank it
 is a local hand-off.  A need within one stage (``B`` on its own ``F``, ``W`` on its ``B``)
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-from .schedules import B, F, Action, Schedule
+from .schedules import B, F, Action, Schedule, ScheduleError
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 
@@ -128,3 +135,48 @@ def messages(schedule: Schedule) -> Iterator[Message]:
             if sent is not None:
                 for i in range(schedule.num_microbatches):
                     yield sent._replace(microbatch=i)
+
+
+FULL_BACKWARD, OVERLAPPED = "full backward", "overlapped F&B"
+
+
+def unit_kind(actions, num_stages: int, where: str = "") -> str:
+    """What a fused unit is, or :class:`ScheduleError` saying why it cannot be one.
+
+    Two kinds exist, the two that ``torch.distributed.pipelining`` runs:
+
+    * ``FULL_BACKWARD``: ``B`` then ``W`` of the same microbatch and stage -- one backward
+      that computes the input and the weight gradients together, in a schedule that splits
+      other backwards (torch's ``FULL_BACKWARD`` next to ``BACKWARD_INPUT``);
+    * ``OVERLAPPED``: ``F`` of one microbatch, then the full backward (``B``, ``W``) of
+      another -- DualPipe's overlapped forward and backward, whose cost is its own (``F&B``
+      in the DeepSeek-V3 report; ``t_fb`` in the simulator).
+
+    The actions of a unit run at the same time, so none may need another -- except ``W`` on
+    its own ``B``, which the full backward computes in the same pass."""
+    actions = tuple(actions)
+    ops = "".join(a.op for a in actions)
+    prefix = f"{where}: " if where else ""
+    text = "+".join(str(a) for a in actions)
+    if ops == "BW":
+        kind = FULL_BACKWARD
+    elif ops == "FBW":
+        kind = OVERLAPPED
+    else:
+        raise ScheduleError(
+            f"{prefix}{text} cannot be fused: a unit is either a full backward (B then W of "
+            f"one microbatch and stage, e.g. 4B1+4W1) or an overlapped forward and full "
+            f"backward (F of one microbatch, then B and W of another, e.g. 3F5+4B1+4W1)")
+    backward, weight = actions[-2], actions[-1]
+    if backward[1:] != weight[1:]:
+        raise ScheduleError(f"{prefix}{text}: the W of a full backward is of the same "
+                            f"microbatch and stage as its B ({backward} goes with "
+                            f"{Action('W', backward.microbatch, backward.stage)})")
+    inside = set(actions)
+    for action in actions:
+        for need in needs(action, num_stages):
+            if need.action in inside and not (action.op == "W" and need.action.op == "B"):
+                raise ScheduleError(
+                    f"{prefix}{text}: {action} needs {need.action} ({need.why}), so the two "
+                    f"cannot run at the same time in one unit")
+    return kind

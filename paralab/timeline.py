@@ -163,6 +163,31 @@ class Timeline:
     def ideal(self):
         return max(self.busy)
 
+    @cached_property
+    def spans(self) -> list:
+        """Per rank, from the start of its first action to the end of its last one."""
+        _, starts, ends = self._clock
+        first, last = [None] * self.schedule.num_ranks, [None] * self.schedule.num_ranks
+        for rank, start, end in zip(self._columns[0], starts, ends):
+            if first[rank] is None or start < first[rank]:
+                first[rank] = start
+            if last[rank] is None or end > last[rank]:
+                last[rank] = end
+        return [self._time(0 if a is None else b - a) for a, b in zip(first, last)]
+
+    @cached_property
+    def span_idle(self) -> list:
+        """Per rank, the idle time *inside* its span: ``spans[r] - busy[r]``.
+
+        ``idle`` counts a rank's wait before its first action and after its last one; a
+        training loop that starts the next step's forwards on each rank as soon as that
+        rank is done (no global synchronisation between steps) does not lose them, and
+        then the largest ``span_idle`` is what each step costs beyond its work.  That is
+        the bubble the Zero Bubble paper gives for ZB-H2, whose ranks start and end at
+        staggered times; for 1F1B and ZB-H1, rank 0 works from the first instant to the
+        last, so its ``span_idle`` is its ``idle``."""
+        return [s - b for s, b in zip(self.spans, self.busy)]
+
     @property
     def time_ratio(self):
         return _ratio(self.makespan, self.ideal)

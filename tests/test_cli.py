@@ -91,8 +91,8 @@ def test_text_summary_names_the_three_ratios(capsys):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--schedule", "interleaved", "-p", "4", "-m", "6", "--tf", "1", "--tb", "1"],
-     "multiple of p"),
+    (["--schedule", "interleaved", "-p", "4", "-m", "3", "--tf", "1", "--tb", "1"],
+     "needs at least p=4 microbatches"),
     (["--schedule", "gpipe", "-p", "0", "-m", "6", "--tf", "1", "--tb", "1"], "-p"),
     (["--schedule", "gpipe", "-p", "2", "-m", "6", "--tf", "-1", "--tb", "1"], "negative"),
     (["--schedule", "gpipe", "-p", "2", "-m", "6", "--tf", "1", "--tb", "1", "--tw", "-1/2"],

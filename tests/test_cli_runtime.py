@@ -38,7 +38,7 @@ def test_run_pipeline_text_output(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--schedule", "interleaved", "-p", "4", "-m", "6"], "m must be a multiple of p"),
+    (["--schedule", "interleaved", "-p", "4", "-m", "3"], "needs at least p=4 microbatches"),
     (["--schedule", "1f1b", "-p", "0", "-m", "4"], "must be at least 1"),
     (["--schedule", "1f1b", "-p", "2", "-m", "4", "--synthetic", "1,x"], "TF_MS,TB_MS"),
     (["--schedule", "1f1b", "-p", "2", "-m", "4", "--synthetic", "5,-1"], "non-negative"),

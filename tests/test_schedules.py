@@ -56,9 +56,16 @@ def test_interleaved_order_p2_m4_v2():
     assert (s.num_stages, s.chunks) == (4, 2)
 
 
-def test_interleaved_requires_multiple_of_p():
-    with pytest.raises(ScheduleError, match=r"groups of p=4, so m must be a multiple of p; m=6 is not \(try m=8\)"):
-        interleaved_one_f_one_b(4, 6, 2)
+def test_interleaved_takes_any_m_from_p_on():
+    # m=6 is not a multiple of p=4: Megatron-Core's smallest accepted group is all 6
+    # microbatches (a group of 4 would leave a last group of 2 < p), so rank 0 runs the
+    # forwards of 0..5 on its first chunk before its second chunk; it used to be refused.
+    s = interleaved_one_f_one_b(4, 6, 2)
+    assert s.to_strings()[0][:12] == [f"0F{i}" for i in range(6)] + [f"4F{i}" for i in range(6)]
+    with pytest.raises(ScheduleError, match=r"needs at least p=4 microbatches, got m=3"):
+        interleaved_one_f_one_b(4, 3, 2)
+    with pytest.raises(ScheduleError, match=r"last group of 2 < p=4.*e\.g\. 6"):
+        interleaved_one_f_one_b(4, 6, 2, group=4)
 
 
 def test_zb_h1_order_p4_m8():
