@@ -76,7 +76,7 @@ def test_mesh_errors_teach():
         hybrid.HybridModel(batch=16).check((3, 1, 1), 2)
 
 
-# -- the formulas -----------------------------------------------------------------------------------
+# -- the formulas ---------------------------------------------------------------------------------
 def test_ffn_stack_parameters_count_the_real_shards():
     d, tp = 8, 2
     dense = torch.nn.ModuleList([hybrid.HybridModel(width=d).blocks()[0]])
@@ -105,7 +105,7 @@ def test_traffic_formulas_by_hand():
         formulas.ffn_stack_traffic("second")
 
 
-# -- 8 real ranks ------------------------------------------------------------------------------------
+# -- 8 real ranks ---------------------------------------------------------------------------------
 STEPS, LR = 3, 0.1
 
 
@@ -185,7 +185,7 @@ def test_each_dimension_talks_only_inside_its_own_group(cube):
         assert record["dp"][0]["elements"] == count
 
 
-# -- the misconception: summing instead of averaging --------------------------------------------------
+# -- the misconception: summing instead of averaging ----------------------------------------------
 def sum_gradients(parameters, group):
     from paralab import comm
     for q in parameters:
@@ -204,7 +204,7 @@ def test_summing_without_averaging_is_a_dp_times_larger_learning_rate():
         assert_close(got[name], value, msg=name)
 
 
-# -- placement and errors in one process --------------------------------------------------------------
+# -- placement and errors in one process ----------------------------------------------------------
 def placement_dry_run(rank, world_size):
     """A 1-rank world on "meta": the mesh, the tensor-parallel stages, the data, the DP
     averaging and the SGD step must create nothing on the CPU."""
