@@ -5,6 +5,9 @@ FFN stack, GPT-3's memory), not read from the library the checks use; the 8-rank
 replaced by reports built from single-process training, so the diagnoses are tested without
 starting processes (the grading test runs the real thing)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jupytext
@@ -38,8 +41,20 @@ def test_every_test_cell_has_checks_and_every_check_is_used():
     assert set(hw5.PROBES) <= set(hw5.CHECKS)
 
 
-def test_the_probes_name_real_functions(tmp_path):
-    probes.strip_library(str(ROOT / "paralab"), probes.unavailable_names(hw5), str(tmp_path))
+def test_the_probes_name_real_functions_and_the_checks_import_without_them(tmp_path):
+    # The probe notebook imports this check module against the stripped library: nothing
+    # at import may call what the probes make unavailable.
+    stripped = probes.strip_library(str(ROOT / "paralab"), probes.unavailable_names(hw5),
+                                    str(tmp_path))
+    code = ("import paralab\nfrom autograder.checks import hw5_hybrid as c\n"
+            "from paralab import mesh\n"
+            "try:\n    mesh.group_ranks((2, 2, 2), 'tp')\nexcept paralab.ReferenceUnavailable:\n"
+            "    print('stripped', c.CROSSING_NODES[4])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(stripped), str(ROOT)]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(stripped), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stripped {'dp'}"
 
 
 @pytest.mark.parametrize("key,value", [

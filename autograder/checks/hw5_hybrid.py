@@ -163,8 +163,15 @@ def own_layout_check(value) -> Verdict:
                    else verdict.message)
 
 
-CROSSING_NODES = {g: {dim for dim in DIMS if mesh.crosses_nodes(HOMEWORK_SHAPE, dim, g)}
-                  for g in (4, 2)}
+def crossing_dims(shape, gpus_per_node) -> set:
+    """The dimensions with a group on more than one node (ranks fill the nodes in order).
+    Computed from :func:`layout`, not from paralab.mesh: this module is imported where the
+    probes make paralab.mesh's layout functions unavailable."""
+    return {dim for dim, groups in layout(shape).items()
+            if any(len({r // gpus_per_node for r in g}) > 1 for g in groups)}
+
+
+CROSSING_NODES = {g: crossing_dims(HOMEWORK_SHAPE, g) for g in (4, 2)}
 
 
 def crossing_check(value) -> Verdict:
@@ -179,17 +186,17 @@ def crossing_check(value) -> Verdict:
             continue
         if "tp" in got:
             return Verdict(False, f"with {gpus} GPUs per node: the tp groups are consecutive "
-                                  f"ranks ({mesh.group_ranks(HOMEWORK_SHAPE, 'tp')[1]}...), so "
+                                  f"ranks ({layout(HOMEWORK_SHAPE)['tp'][1]}...), so "
                                   f"they stay inside a node: that is why tp is innermost")
         missing = sorted(expected - got)
         extra = sorted(got - expected)
         if missing:
             dim = missing[0]
             return Verdict(False, f"with {gpus} GPUs per node, a {dim} group such as "
-                                  f"{mesh.group_ranks(HOMEWORK_SHAPE, dim)[0]} spans two nodes")
+                                  f"{layout(HOMEWORK_SHAPE)[dim][0]} spans two nodes")
         dim = extra[0]
         return Verdict(False, f"with {gpus} GPUs per node, every {dim} group stays on one node: "
-                              f"{mesh.group_ranks(HOMEWORK_SHAPE, dim)}")
+                              f"{layout(HOMEWORK_SHAPE)[dim]}")
     return Verdict(True, "correct: the innermost dimension stays inside a node longest")
 
 
@@ -438,7 +445,7 @@ def own_average_check(value) -> Verdict:
     if not isinstance(value, list) or len(value) != 4:
         return Verdict(False, "expected the results of 4 ranks")
     for rank, r in enumerate(value):
-        partner = mesh.group_ranks((2, 1, 2), "dp")[rank % 2]
+        partner = layout((2, 1, 2))["dp"][rank % 2]
         mean = sum(x + 1 for x in partner) / 2
         grads = r.get("grads") if isinstance(r, dict) else None
         if not isinstance(grads, list) or len(grads) != 2:
