@@ -1,5 +1,6 @@
 """Sample students and mutant submissions of hw5_hybrid (see autograder/samples.py)."""
 
+from autograder import corpus
 from autograder.samples import Mutant, Work, apply, solved
 
 ASSIGNMENT = "hw5_hybrid"
@@ -74,14 +75,10 @@ for pp_ in (1, 2, 4, 8, 16, 32):
 RUN_CHECKS = {"hybrid_2x2x2", "hybrid_hidden", "own_average"}
 
 MUTANTS = [
-    # The layout with tp outermost: every TP group spread over non-neighbours, and A2's
-    # answer (computed from it) wrong as well.
-    Mutant("tp_outermost", ASSIGNMENT, {"a1": TP_OUTERMOST},
-           {"groups_2x2x2", "groups_hidden", "own_layout", "crossing"},
-           ["innermost", "TP would cross nodes"]),
-    # Right everywhere in the student's kernel; only the run without the library fails.
-    Mutant("delegates_the_layout", ASSIGNMENT, {"a1": DELEGATES_LAYOUT}, {"own_layout"},
-           ["must compute the layout itself"]),
+    # Right everywhere in the student's kernel; only the runs without the library fail.
+    Mutant("delegates_to_the_library", ASSIGNMENT,
+           {"a1": DELEGATES_LAYOUT, "c1": DELEGATES_AVERAGE}, {"own_layout", "own_average"},
+           ["must compute the layout itself", "write the averaging yourself"]),
     # B2 is computed from B1, so the split bias costs both.
     Mutant("row_bias_split_by_tp", ASSIGNMENT,
            {"b1": "params_per_rank = L / pp * (8 * d**2 + 5 * d) / tp"},
@@ -96,8 +93,6 @@ MUTANTS = [
            ["summed over the 2 replicas but not divided by 2"]),
     Mutant("averages_over_the_whole_world", ASSIGNMENT, {"c1": WHOLE_WORLD},
            RUN_CHECKS | {"dp_traffic_2x2x2"}, ["all-reduced over 8 ranks"]),
-    Mutant("delegates_the_averaging", ASSIGNMENT, {"c1": DELEGATES_AVERAGE}, {"own_average"},
-           ["write the averaging yourself"]),
     Mutant("all_reduce_behind_the_log", ASSIGNMENT, {"c1": UNLOGGED}, {"dp_traffic_2x2x2"},
            ["no bytes were logged"]),
     Mutant("one_all_reduce_per_parameter", ASSIGNMENT, {"c1": PER_PARAMETER}, set()),
@@ -120,7 +115,9 @@ def samples(root: str) -> list[Work]:
                    "planner_mistakes"),
              r"^graded$", {"dp_bytes", "tp_bytes_last", "pp_bytes_last", "min_pp",
                            "best_layout", "true_statements"} | RUN_CHECKS),
+        # The layout with tp outermost: every TP group spread over non-neighbours, and A2's
+        # answer (computed from it) wrong as well.
         Work("hal", "lays the tensor-parallel groups out across nodes",
-             apply(good, MUTANTS, "tp_outermost"), r"^graded$",
+             corpus.replace_solution(good, "a1", TP_OUTERMOST), r"^graded$",
              {"groups_2x2x2", "groups_hidden", "own_layout", "crossing"}),
     ]
