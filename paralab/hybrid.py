@@ -77,12 +77,14 @@ class HybridModel:
         x = torch.randn(shape, generator=generator, dtype=self.torch_dtype)
         return x, torch.randn(shape, generator=generator, dtype=self.torch_dtype)
 
-    def check(self, shape, m: int) -> None:
-        """Refuse a mesh this model cannot be split over, saying which rule breaks."""
+    def check(self, shape, m: int, stages: int | None = None) -> None:
+        """Refuse a mesh this model cannot be split over, saying which rule breaks
+        (``stages``: the schedule's stages, ``pp`` unless it is interleaved)."""
         dp, pp, tp_ = mesh.check_shape(shape)
+        stages = pp if stages is None else stages
         problems = []
-        if self.layers % pp:
-            problems.append(f"{self.layers} blocks do not split into {pp} equal pipeline "
+        if self.layers % stages:
+            problems.append(f"{self.layers} blocks do not split into {stages} equal pipeline "
                             f"stages")
         if (4 * self.width) % tp_:
             problems.append(f"the FFN's 4d = {4 * self.width} features do not split over "
@@ -237,12 +239,12 @@ def train_worker(rank: int, world_size: int, shape, model: HybridModel = HybridM
     the parameters.  Returns this rank's coordinates, its groups as PyTorch built them, its
     parameters (on the CPU) and, per step, its losses and communication per dimension."""
     average = average_gradients if average is None else average
-    model.check(shape, m)
+    plan = schedules.build(schedule, shape[1], m)
+    model.check(shape, m, plan.num_stages)
     device_mesh = mesh.device_mesh(shape)
     groups = {dim: device_mesh.get_group(dim) for dim in mesh.DIMS}
     coords = tuple(int(c) for c in device_mesh.get_coordinate())
     pp_rank = coords[1]
-    plan = schedules.build(schedule, shape[1], m)
     executor = RankExecutor(pp_rank, plan, RankModel(model, shape, coords, groups["tp"]),
                             device=launch.device(), group=groups["pp"])
     stages = [executor.stages[s] for s in sorted(executor.stages)]
@@ -258,7 +260,7 @@ def train_worker(rank: int, world_size: int, shape, model: HybridModel = HybridM
         sgd_step(parameters, lr)
         per_step.append({"losses": out["losses"], "tp": _records(tp_log),
                          "pp": list(sends.sends), "dp": _records(dp_log)})
-    k = model.layers // shape[1]
+    k = model.layers // plan.num_stages
     named = {}
     for s, stage in zip(sorted(executor.stages), stages):
         for name, q in stage.named_parameters():
@@ -331,10 +333,16 @@ def train(shape=(2, 2, 2), model: HybridModel = HybridModel(), *, steps: int = 2
           lr: float = 0.1, m: int = 2, schedule: str = "1f1b", average: Callable | None = None,
           timeout: float = 60.0, echo: bool = False) -> HybridResult:
     """Train ``model`` for ``steps`` SGD steps on ``dp * pp * tp`` fresh processes (one
-    :func:`paralab.launch.run` world) and return every rank's report.  ``average`` replaces
-    :func:`average_gradients` (an exercise passes its own)."""
+    :func:`paralab.launch.run` world) and return every rank's report.  ``schedule`` is a
+    name of :func:`paralab.schedules.build` (the traffic formulas of
+    :func:`paralab.formulas.ffn_stack_traffic` are for one stage per rank: ``gpipe``,
+    ``1f1b``); ``average`` replaces :func:`average_gradients` (an exercise passes its own)."""
     shape = mesh.check_shape(shape)
-    model.check(shape, m)
+    plan = schedules.build(schedule, shape[1], m)
+    model.check(shape, m, plan.num_stages)
+    if launch.resolve_backend("auto", mesh.world_size(shape)) == "nccl":
+        from .pipeline import check_message_order
+        check_message_order(plan)  # NCCL matches a pair's messages in posting order
     ranks = launch.run(train_worker, mesh.world_size(shape), shape, model, steps, lr, m,
                        schedule, average, timeout=timeout, echo=echo)
     return HybridResult(shape, model, m, ranks)

@@ -185,6 +185,14 @@ def test_each_dimension_talks_only_inside_its_own_group(cube):
         assert record["dp"][0]["elements"] == count
 
 
+@pytest.mark.slow
+def test_an_interleaved_pipeline_of_tp_pairs_trains_like_one_process():
+    # 2 chunks per rank: rank 0 of the pipeline holds stages 0 and 2, rank 1 stages 1 and 3
+    result = hybrid.train((1, 2, 2), hybrid.HybridModel(layers=4), steps=2, lr=LR, m=2,
+                          schedule="interleaved", timeout=120)
+    _parity(result, 2)
+
+
 # -- the misconception: summing instead of averaging ----------------------------------------------
 def sum_gradients(parameters, group):
     from paralab import comm
@@ -239,6 +247,7 @@ def placement_dry_run(rank, world_size):
     return devices, no_grad, cpu_grad, wrong
 
 
+@pytest.mark.slow
 def test_everything_hybrid_adds_lives_on_the_rank_device(monkeypatch):
     monkeypatch.setenv("PARALAB_DEVICE", "meta")
     [(devices, no_grad, cpu_grad, wrong)] = launch.run(placement_dry_run, 1, echo=False)
