@@ -15,13 +15,15 @@ term comes from the course's formulas:
   stage).  What the model leaves out: the embedding's and the logits' activations, memory
   fragmentation and the framework's own buffers;
 * **compute**: the matmul FLOPs of a layer (:func:`paralab.memory.layer_flops`, 2 per
-  multiply-add) and of the output layer, spread evenly over the ``pp * tp`` GPUs of a
-  pipeline, at the cluster's FLOP/s; a backward costs two forwards, plus what the
-  recomputation re-runs (:func:`paralab.memory.recompute_fraction`);
+  multiply-add), ``L/pp`` layers per stage split over its ``tp`` GPUs, plus the output
+  layer on the last stage, which then sets the pipeline's pace; at the share of the peak
+  FLOP/s a step sustains; a backward costs two forwards, plus what the recomputation
+  re-runs (:func:`paralab.memory.recompute_fraction`);
 * **tensor-parallel communication** on the critical path of every layer: two all-reduces
   of the ``s b h`` activations in the forward, two in the backward (two more when full
   recomputation re-runs the forward), ring-priced (:func:`paralab.formulas.tp_traffic`) at
-  NVLink bandwidth when a TP group fits in a node and at network bandwidth otherwise --
+  NVLink bandwidth when every TP group stays inside a node (:func:`paralab.mesh.
+  crosses_nodes`; likewise for the PP and DP groups) and at network bandwidth otherwise --
   sequence parallelism replaces each all-reduce by an all-gather and a reduce-scatter,
   the same traffic;
 * **pipeline communication**: each microbatch's activation and gradient cross every stage
@@ -31,8 +33,8 @@ term comes from the course's formulas:
   the time of one microbatch's forward and backward on a stage, communication included
   (for ``v = 1`` it is 1F1B's ``(m + pp - 1)``);
 * **the data-parallel all-reduce** of the gradients (2 bytes each) once per step
-  (:func:`paralab.formulas.dp_traffic`), not overlapped with the backward (as in
-  Megatron-LM in 2021).
+  (:func:`paralab.formulas.dp_traffic`), after the backward: the model does not overlap
+  it with the backward (PyTorch's DDP and today's Megatron-LM do).
 
 It is a model, meant to show why the choices come out as they do, not to predict a step
 time to the percent: matmul efficiency (which drops when ``tp`` makes the matrices small),
@@ -43,7 +45,6 @@ configurations of Narayanan et al. 2021 (:data:`MEGATRON_2021`).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
