@@ -594,3 +594,78 @@ def ffn_traffic(variant: str = "col-row", output_gathered: bool = True, phase: s
     return sp.factor(sum((collective_traffic(c.op, c.elements)
                           for c in ffn_collectives(variant, output_gathered)
                           if phase is None or c.phase == phase), sp.Integer(0)))
+
+
+# -- hybrid parallelism: what each dimension of a (dp, pp, tp) mesh sends per step --------------
+# Degrees of data, pipeline and tensor parallelism, named like the dimensions of the device
+# mesh (paralab.mesh).  pp is lecture 02's p, tp lecture 01's P; L is paralab.memory's L.
+dp, pp, tp = sp.symbols("dp pp tp", positive=True, integer=True)
+L = sp.Symbol("L", positive=True)
+SYMBOLS.update({symbol.name: symbol for symbol in (dp, pp, tp, L)})
+
+#: Stage positions for the traffic formulas: a pipeline's first stage receives no gradient
+#: to send back and its last stage no activation to pass on (``only``: both, pp = 1).
+STAGES = ("first", "middle", "last", "only")
+
+
+def _ends(stage: str) -> tuple[bool, bool]:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    return stage in ("first", "only"), stage in ("last", "only")
+
+
+def dp_traffic(parameters, degree=dp):
+    """Bytes one rank sends per step to average its gradients over its data-parallel group:
+    a ring all-reduce of ``parameters`` gradients of ``e`` bytes, ``2(dp-1)/dp`` times their
+    size (a reduce-scatter then an all-gather, :func:`collective_traffic`).  ``parameters``
+    is what *this rank* holds: its stage's layers, its tensor-parallel shard of them."""
+    return collective_traffic("all_reduce", parameters * e, degree)
+
+
+def pp_traffic(elements, stage: str = "middle"):
+    """Bytes one rank sends point to point per step: for each of the ``m`` microbatches, the
+    activation it passes to the next stage (unless it is the last) and the gradient it
+    passes back to the previous one (unless it is the first), ``elements`` each.  A point-
+    to-point message crosses one link once: no ring factor.  Every tensor-parallel rank of
+    a stage sends its own copy (Megatron-LM's scatter/gather optimisation, Narayanan et al.
+    2021 §4.1, sends 1/tp of it and all-gathers on the other side instead)."""
+    first, last = _ends(stage)
+    messages = (0 if last else 1) + (0 if first else 1)
+    return m * messages * elements * e
+
+
+def tp_traffic(elements, all_reduces):
+    """Bytes one rank sends per step in its tensor-parallel all-reduces: ``all_reduces`` of
+    them (in the whole step), each of a tensor of ``elements`` elements, ring-priced."""
+    return all_reduces * collective_traffic("all_reduce", elements * e, tp)
+
+
+def ffn_stack_parameters():
+    """Parameters one rank holds in the model of :mod:`paralab.hybrid`: ``L`` blocks of
+    lecture 01's FFN (``Linear(d, 4d) -> GeLU -> Linear(4d, d)``), ``L/pp`` per stage, each
+    column -> row over ``tp`` ranks.  Per block: ``W1`` (``4d^2``), ``b1`` (``4d``) and ``W2``
+    (``4d^2``) are split by ``tp``; ``b2`` (``d``) is added after the all-reduce and stays
+    whole on every rank: ``(L/pp)((8d^2 + 4d)/tp + d)``."""
+    return L / pp * ((8 * d ** 2 + 4 * d) / tp + d)
+
+
+def ffn_stack_traffic(stage: str = "last") -> dict:
+    """Bytes one rank of the FFN stack of :mod:`paralab.hybrid` sends per training step, per
+    mesh dimension, for a global batch of ``B`` rows of width ``d`` (each pipeline gets
+    ``B/dp`` rows, in ``m`` microbatches of ``B/(dp m)``):
+
+    * ``tp``: every block all-reduces its output in the forward (Megatron's g) and the
+      gradient of its input in the backward (f) -- except the first block of the first
+      stage, whose input is the data: nobody needs its gradient, so f's backward never
+      runs.  ``2L/pp`` all-reduces per microbatch (one fewer on the first stage), each of
+      ``B/(dp m) x d`` elements: the total does not depend on ``m``;
+    * ``pp``: :func:`pp_traffic` of the same tensors;
+    * ``dp``: :func:`dp_traffic` of :func:`ffn_stack_parameters`.
+
+    The tests measure all three on 8 real processes and find these numbers exactly."""
+    first, _ = _ends(stage)
+    rows = B / (dp * m)
+    all_reduces = m * (2 * L / pp - (1 if first else 0))
+    return {"tp": sp.factor(tp_traffic(rows * d, all_reduces)),
+            "pp": sp.factor(pp_traffic(rows * d, stage)),
+            "dp": sp.factor(dp_traffic(ffn_stack_parameters()))}

@@ -24,6 +24,12 @@ pair's messages in posting order, so there each receive is posted at its ``RECV`
 the lowered order (:func:`paralab.pipeline.check_message_order` checks both sides agree).
 (We avoid ``batch_isend_irecv``, which is known to hang on gloo in some patterns.)
 
+``group`` (optional) is the pipeline's process group when the pipeline is one dimension of a
+larger mesh (:mod:`paralab.hybrid`): the programs name pipeline ranks ``0..p-1``, which are
+that group's ranks, and every send and receive goes to the global rank
+``dist.get_global_rank(group, r)`` within ``group``.  Without it the pipeline is the whole
+world, as before.
+
 Measured along the way: each compute step's start and end (waiting for data is idle, as in
 the simulator) and the bytes autograd saves for backward, via saved-tensor hooks.
 ``costs`` makes each compute step last a fixed time (its real compute runs inside it);
@@ -50,11 +56,14 @@ class RankExecutor:
     can be called repeatedly (benchmarks do).  Gradients accumulate in the stage modules,
     as in any PyTorch training loop.  ``model`` provides ``build(num_stages)``,
     ``microbatches(m)``, ``loss(output, target, m)``, ``batch``, ``width`` and
-    ``torch_dtype`` (see :class:`paralab.pipeline.PipelineModel`)."""
+    ``torch_dtype`` (see :class:`paralab.pipeline.PipelineModel`).  ``rank`` is the
+    pipeline rank; with ``group`` (the pipeline's process group) it is this process's rank
+    in that group, and messages go to the group's members."""
 
     def __init__(self, rank: int, schedule: Schedule, model, *, costs=None,
-                 recompute: bool = False, device=None, program=None):
+                 recompute: bool = False, device=None, program=None, group=None):
         self.rank, self.schedule, self.model = rank, schedule, model
+        self.group = group
         self.recompute, self.device = recompute, device or torch.device("cpu")
         self.program = lowering.lower(schedule)[rank] if program is None else program
         self.split = schedule.splits_backward
@@ -72,11 +81,17 @@ class RankExecutor:
             f, b, w = (c / schedule.chunks for c in costs)
             self.delay = {"F": f, "B": b + (0 if self.split else w), "W": w}
         self.prepost = dist.is_initialized() and dist.get_backend() == "gloo"
-        self._receives = [(s.message.key, s.message.src, self._tag(s.message.key))
+        self._receives = [(s.message.key, self._peer(s.message.src), self._tag(s.message.key))
                           for s in self.program if s.kind.startswith("RECV")]
         self._steps = [self._prepare(step) for step in self.program]
 
     # -- the program, prepared once: (handler, arguments) per step ---------------------------
+    def _peer(self, pipeline_rank: int) -> int:
+        """The global rank of a pipeline rank (the same number without a group)."""
+        if self.group is None:
+            return pipeline_rank
+        return dist.get_global_rank(self.group, pipeline_rank)
+
     def _tag(self, key) -> int:
         kind, i, stage = key
         kind_index = 0 if kind == ACTIVATION else 1
@@ -94,13 +109,13 @@ class RankExecutor:
             return self._weight, (i, s)
         key = step.message.key
         if step.kind.startswith("SEND"):
-            return self._send, (key, step.message.dst, self._tag(key))
-        return self._recv, (key, step.message.src, self._tag(key))
+            return self._send, (key, self._peer(step.message.dst), self._tag(key))
+        return self._recv, (key, self._peer(step.message.src), self._tag(key))
 
     # -- communication -----------------------------------------------------------------------
     def _post(self, src: int, tag: int):
         buffer = torch.empty(self.shape, dtype=self.model.torch_dtype, device=self.device)
-        return buffer, dist.irecv(buffer, src, tag=tag)
+        return buffer, dist.irecv(buffer, src, group=self.group, tag=tag)
 
     def _recv(self, key, src: int, tag: int):
         buffer, work = self.posted.pop(key, None) or self._post(src, tag)
@@ -108,7 +123,8 @@ class RankExecutor:
         self.mailbox[key] = buffer
 
     def _send(self, key, dst: int, tag: int):
-        self.sent.append(dist.isend(self.mailbox.pop(key).contiguous(), dst, tag=tag))
+        self.sent.append(dist.isend(self.mailbox.pop(key).contiguous(), dst, group=self.group,
+                                    tag=tag))
 
     # -- computation -------------------------------------------------------------------------
     def _forward(self, i, s, take, gives):
