@@ -5,8 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test files run on two workers (a file's tests stay together: they share its worlds and
+# fixtures).  TEST_JOBS=0 runs everything in one process.
+TEST_JOBS ?= 2
+XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
-.PHONY: test test-fast venv instructor book book-solutions grade-sample clean
+.PHONY: test test-fast lint venv instructor book book-solutions grade-sample clean
 
 venv: $(STAMP)
 
@@ -26,10 +30,14 @@ instructor: $(STAMP)
 	$(PY) -m autograder.lab instructor
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml; CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The README's main command: grade the bundled sample class, print the scores and say
 # where the feedback is.  Safe to run again (the same folder is regraded in place).

@@ -523,8 +523,8 @@ def secret_lines(source_text: str, min_chars: int = 12) -> set[str]:
             depth = max(0, depth - 1)
             continue
         (inside if depth else outside).add(line)
-    return {l for l in inside - outside
-            if len(l.replace(" ", "")) >= min_chars and not l.startswith("#")}
+    return {ln for ln in inside - outside
+            if len(ln.replace(" ", "")) >= min_chars and not ln.startswith("#")}
 
 
 def scan_leaks(course: Course, assignment: str) -> list[str]:
@@ -558,7 +558,7 @@ def scan_leaks(course: Course, assignment: str) -> list[str]:
         for marker in MARKERS:
             if marker in text:
                 problems.append(f"{where}: contains the marker {marker!r}")
-        lines = {l.strip() for l in text.splitlines()}
+        lines = {ln.strip() for ln in text.splitlines()}
         for secret in sorted(secrets_ & lines):
             problems.append(f"{where}: contains a line of a solution or hidden test: "
                             f"{secret[:60]!r}")

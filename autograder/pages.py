@@ -20,7 +20,7 @@ import html
 import os
 import re
 import shutil
-from typing import Any, Iterable
+from typing import Any
 
 MATHJAX_DIR = "_mathjax"   # under OUT/feedback/
 CDN = "https://cdn.jsdelivr.net/npm/mathjax@3.2.2/es5/tex-chtml.js"

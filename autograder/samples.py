@@ -130,6 +130,53 @@ def all_mutants() -> list[Mutant]:
     return [m for module in assignment_modules().values() for m in module.MUTANTS]
 
 
+@dataclass
+class Pack:
+    """Mutants of one assignment graded as one submission: their answers are in different
+    cells and their failing checks are disjoint, so the submission must lose exactly the
+    sum of their points (a mutant whose answer changes another's verdict shows up as a
+    wrong total).  Grading is the expensive part of the tests; a pack costs one notebook."""
+
+    assignment: str
+    mutants: list[Mutant]
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.mutants)
+
+    @property
+    def fails(self) -> set[str]:
+        return set().union(*(m.fails for m in self.mutants))
+
+    def notebook(self, root: str = ROOT):
+        nb = solved(self.assignment, root)
+        for mutant in self.mutants:
+            for cell, code in mutant.answers.items():
+                nb = corpus.replace_solution(nb, cell, code)
+        return nb
+
+    def expected_score(self, root: str = ROOT) -> float:
+        return expected_score(self.assignment, self.fails, root)
+
+
+def packs(mutants: list[Mutant], size: int = 4) -> list[Pack]:
+    """``mutants`` packed greedily, in order, into submissions of at most ``size`` whose
+    answer cells and failing checks do not overlap.  Honest variants (nothing to fail) are
+    packed only with each other, so that each pack either keeps every point or must not."""
+    out: list[Pack] = []
+    for mutant in mutants:
+        for pack in out:
+            if (pack.assignment == mutant.assignment and len(pack.mutants) < size
+                    and bool(pack.fails) == bool(mutant.fails)
+                    and not pack.fails & mutant.fails
+                    and not any(set(m.answers) & set(mutant.answers) for m in pack.mutants)):
+                pack.mutants.append(mutant)
+                break
+        else:
+            out.append(Pack(mutant.assignment, [mutant]))
+    return out
+
+
 def homework() -> tuple[str, ...]:
     """The assignments that have sample students and mutants."""
     return tuple(sorted(assignment_modules()))

@@ -337,7 +337,7 @@ def validate(schedule: Schedule) -> Schedule:
     """
     from . import rules  # rules builds on Action, defined above
 
-    p, m, n_stages = schedule.num_ranks, schedule.num_microbatches, schedule.num_stages
+    m, n_stages = schedule.num_microbatches, schedule.num_stages
     if m < 1:
         raise ScheduleError(f"a schedule needs at least one microbatch, got {m}")
     ops = ("F", "B", "W") if schedule.splits_backward else ("F", "B")

@@ -2,8 +2,9 @@
 
 One grading run (grading is the expensive part) covers: the bundled sample class, the
 untouched release (must score zero) and every mutant of every assignment (``autograder/mutants/``)
-(each must lose exactly the points of the test cells it breaks, with feedback that names
-the misconception).
+(each must lose exactly the points of the checks it breaks, with feedback that names the
+misconception).  Mutants whose answers and failing checks do not overlap are graded together
+as one submission (``samples.packs``), which must then lose exactly the sum of their points.
 """
 
 import csv
@@ -21,6 +22,8 @@ from autograder import corpus, samples
 ROOT = Path(__file__).resolve().parents[1]
 HOMEWORK = samples.homework()
 MUTANTS = samples.all_mutants()
+PACKS = samples.packs(MUTANTS)
+PACK_OF = {m.name: pack for pack in PACKS for m in pack.mutants}
 pytestmark = pytest.mark.slow
 
 
@@ -38,10 +41,10 @@ def graded(tmp_path_factory):
         target = submissions / "release" / assignment
         target.mkdir(parents=True)
         shutil.copy(release, target)
-    for mutant in MUTANTS:
-        target = submissions / f"mutant-{mutant.name}" / mutant.assignment
+    for i, pack in enumerate(PACKS):
+        target = submissions / f"mutants-{i}" / pack.assignment
         target.mkdir(parents=True)
-        (target / f"{mutant.assignment}.ipynb").write_bytes(corpus.dumps(mutant.notebook()))
+        (target / f"{pack.assignment}.ipynb").write_bytes(corpus.dumps(pack.notebook()))
     command = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
                "--cell-timeout", "30", "--jobs", "2", "--no-progress",
                "--sandbox-uid", str(63000 + os.getpid() % 1000)]
@@ -77,12 +80,14 @@ def test_release_scores_zero_and_solutions_full_marks(graded):
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_mutant_loses_exactly_its_points(graded, mutant):
     rows, out = graded
-    row = rows[(f"mutant-{mutant.name}", mutant.assignment)]
-    assert row["status"] == "graded"
-    assert float(row["score"]) == mutant.expected_score()
+    pack = PACK_OF[mutant.name]
+    student = f"mutants-{PACKS.index(pack)}"
+    row = rows[(student, mutant.assignment)]
+    assert row["status"] == "graded", (pack.name, row["status"])
+    assert float(row["score"]) == pack.expected_score(), pack.name
     # a mutant with nothing to fail is an honest variant that must keep every point
-    assert (float(row["score"]) < float(row["max_score"])) == bool(mutant.fails)
-    page = feedback(out, f"mutant-{mutant.name}", mutant.assignment)
+    assert (float(row["score"]) < float(row["max_score"])) == bool(mutant.fails), pack.name
+    page = feedback(out, student, mutant.assignment)
     for phrase in mutant.feedback:
         assert phrase.replace("'", "&#39;") in page or phrase in page, phrase
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
+from autograder import samples
 from autograder.checks import Raised, encode, run_check
 from autograder.checks import hw1_tensor_parallel as hw1
 from autograder.checks import hw2_pipeline_bubbles as hw2
@@ -343,7 +344,6 @@ def test_a_student_sees_every_check_of_a_cell_in_one_line_each(tmp_path):
     hidden behind the first failure), wrong answers on stderr with their misconception."""
     from nbclient import NotebookClient
 
-    from autograder import samples
     from autograder.mutants import hw2_pipeline_bubbles as hw2_mutants
     nb = samples.apply(samples.solved("hw2_pipeline_bubbles"), hw2_mutants.MUTANTS,
                        "m16_ratio_upside_down", "1f1b_bubble_is_p_minus_1_over_m")
@@ -368,3 +368,25 @@ def test_a_student_sees_every_check_of_a_cell_in_one_line_each(tmp_path):
     assert "leaves out the drain" in both[0][1]
     assert "compares two different quantities" in both[1][1]  # not hidden by the first
     assert all(name == "stdout" for name, _ in lines("test_peaks"))
+
+
+def test_mutants_are_packed_without_overlap():
+    """The grading tests grade packs of mutants; a pack is only sound if its mutants touch
+    different answers and fail different checks, and honest variants stay among themselves."""
+    mutants = samples.all_mutants()
+    packs = samples.packs(mutants)
+    assert sorted(m.name for p in packs for m in p.mutants) == sorted(m.name for m in mutants)
+    assert len(packs) < len(mutants)
+    for pack in packs:
+        assert {m.assignment for m in pack.mutants} == {pack.assignment}
+        assert len({bool(m.fails) for m in pack.mutants}) == 1, pack.name
+        for i, a in enumerate(pack.mutants):
+            for b in pack.mutants[i + 1:]:
+                assert not a.fails & b.fails and not set(a.answers) & set(b.answers), pack.name
+        assert pack.fails == set().union(*(m.fails for m in pack.mutants))
+    # the pack's notebook carries every member's answers
+    pack = next(p for p in packs if len(p.mutants) > 1)
+    text = "\n".join(cell.source for cell in pack.notebook().cells)
+    for mutant in pack.mutants:
+        for code in mutant.answers.values():
+            assert code.strip() in text, mutant.name

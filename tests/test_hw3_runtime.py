@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jupytext
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from autograder import probes

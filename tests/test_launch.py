@@ -84,7 +84,7 @@ def reported_within(healthy: float) -> float:
     """How soon after its start a world with a failure must have been reported: the grace
     the other ranks get, the stack dump of ranks still running, and a few healthy worlds'
     worth of starting and stopping processes (1 s of slack for the scheduler)."""
-    return launch.GRACE_S + diagnosis.DUMP_WAIT_S + 5 * healthy + 1.0
+    return lifecycle.GRACE_S + diagnosis.DUMP_WAIT_S + 5 * healthy + 1.0
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sympy as sp
 import torch
 from hypothesis import given, settings, strategies as st
 
-from paralab import formulas, launch, memory, pipeline, schedules
+from paralab import launch, memory, pipeline, schedules
 from paralab.memory import a, b, h, s, t
 from paralab.simulator import simulate
 from paralab.transformer import (TransformerLayer, TransformerPipelineModel, parallel_layer_step,
@@ -229,8 +229,8 @@ def test_rank_memory_adds_model_states_and_activations():
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_simulated_step_with_recomputation_equals_the_formula(schedule, build, extra, recompute):
     seq, hidden = 512, 1024
-    t_f, t_b = recompute_costs = memory.recompute_costs(Fraction(2), Fraction(4), recompute,
-                                                        seq=seq, hidden=hidden)
+    t_f, t_b = memory.recompute_costs(Fraction(2), Fraction(4), recompute,
+                                      seq=seq, hidden=hidden)
     timeline = simulate(build(), t_f, t_b)
     formula = memory.step_time_with_recompute(schedule, recompute)
     phi = memory.recompute_fraction(recompute).subs({s: seq, h: hidden})

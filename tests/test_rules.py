@@ -1,7 +1,7 @@
 """The rules: what each action needs, and the messages a schedule implies."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from paralab import rules
 from paralab.rules import ACTIVATION, GRADIENT, Message

@@ -7,7 +7,6 @@ those, the feedback names the misconception instead of just saying "wrong".
 
 from __future__ import annotations
 
-from fractions import Fraction
 
 import sympy as sp
 

@@ -97,7 +97,7 @@ The package, by concept
 from .backend import device, resolve_backend
 from .cli import main
 from .errors import WorkerError, WorkerTimeout
-from .lifecycle import GRACE_S, run
+from .lifecycle import run
 from .torchrun import from_env
 
 __all__ = ["run", "from_env", "device", "WorkerError", "WorkerTimeout", "main"]
