@@ -177,6 +177,22 @@ def packs(mutants: list[Mutant], size: int = 4) -> list[Pack]:
     return out
 
 
+def mutant_submissions(root: str = ROOT) -> tuple[list[Pack], dict[str, tuple[str, str]]]:
+    """What to grade so that every mutant is graded once: a mutant whose notebook is a
+    sample student's (the sample class shows several misconceptions as students) is graded
+    as that student -- ``{mutant: (student, assignment)}`` --, the others in packs."""
+    students = {data: (sample.student, name.split("/")[0])
+                for sample in sample_class(root) for name, data in sample.files.items()}
+    as_student, rest = {}, []
+    for mutant in all_mutants():
+        same = students.get(corpus.dumps(mutant.notebook(root)))
+        if same is not None:
+            as_student[mutant.name] = same
+        else:
+            rest.append(mutant)
+    return packs(rest), as_student
+
+
 def homework() -> tuple[str, ...]:
     """The assignments that have sample students and mutants."""
     return tuple(sorted(assignment_modules()))

@@ -541,8 +541,13 @@ def summed(rank, world_size):
     return t.item()
 
 
+# 24 worlds take a minute on 2 busy cores; the soak that found the transient joins (1 in 60)
+# ran 200: PARALAB_SOAK_WORLDS=200 runs it again.
+SOAK_WORLDS = int(os.environ.get("PARALAB_SOAK_WORLDS", "24"))
+
+
 @pytest.mark.slow
-def test_200_world_starts_in_a_row_under_a_cpu_burning_neighbour(baseline, caplog):
+def test_worlds_start_in_a_row_under_a_cpu_burning_neighbour(baseline, caplog):
     """Joins that fail under load (1 in 60 measured on 2 busy cores) are started again; a
     student never sees them.  Each world joins and all-reduces once, like every notebook
     cell that calls run()."""
@@ -550,13 +555,13 @@ def test_200_world_starts_in_a_row_under_a_cpu_burning_neighbour(baseline, caplo
     try:
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="paralab.launch"):
-            for _ in range(200):
+            for _ in range(SOAK_WORLDS):
                 assert run(summed, 4, echo=False) == [6.0] * 4
         elapsed = time.monotonic() - t0
     finally:
         burner.kill()
         burner.wait()
-    print(f"200 worlds of 4 ranks in {elapsed:.1f} s next to a CPU burner; "
+    print(f"{SOAK_WORLDS} worlds of 4 ranks in {elapsed:.1f} s next to a CPU burner; "
           f"{len(retry_warnings(caplog))} started again")
     assert descendants() <= baseline
 
