@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_JOBS ?= 2
 XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
-.PHONY: test test-fast lint venv instructor book book-solutions grade-sample clean
+.PHONY: test test-fast lint soak venv instructor book book-solutions grade-sample clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+# 200 consecutive 4-rank worlds next to a CPU-burning process: transient join failures must
+# stay invisible.  `make test` starts 24 of them; CI runs this after the tests.
+soak: $(STAMP)
+	PARALAB_SOAK_WORLDS=200 $(PY) -m pytest -q tests/test_launch.py -k cpu_burning_neighbour
 
 # ruff, configured in pyproject.toml; CI runs it before the tests.
 lint: $(STAMP)

@@ -541,8 +541,8 @@ def summed(rank, world_size):
     return t.item()
 
 
-# 24 worlds take a minute on 2 busy cores; the soak that found the transient joins (1 in 60)
-# ran 200: PARALAB_SOAK_WORLDS=200 runs it again.
+# 24 worlds take a minute on 2 busy cores; `make soak` (run by CI after the tests) starts the
+# 200 that found the transient joins (1 in 60).
 SOAK_WORLDS = int(os.environ.get("PARALAB_SOAK_WORLDS", "24"))
 
 
