@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 # Test files run on two workers (a file's tests stay together: they share its worlds and
 # fixtures).  TEST_JOBS=0 runs everything in one process.
 TEST_JOBS ?= 2

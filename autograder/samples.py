@@ -159,7 +159,7 @@ class Pack:
         return expected_score(self.assignment, self.fails, root)
 
 
-def packs(mutants: list[Mutant], size: int = 4) -> list[Pack]:
+def packs(mutants: list[Mutant], size: int = 8) -> list[Pack]:
     """``mutants`` packed greedily, in order, into submissions of at most ``size`` whose
     answer cells and failing checks do not overlap.  Honest variants (nothing to fail) are
     packed only with each other, so that each pack either keeps every point or must not."""
@@ -180,14 +180,15 @@ def packs(mutants: list[Mutant], size: int = 4) -> list[Pack]:
 def mutant_submissions(root: str = ROOT) -> tuple[list[Pack], dict[str, tuple[str, str]]]:
     """What to grade so that every mutant is graded once: a mutant whose notebook is a
     sample student's (the sample class shows several misconceptions as students) is graded
-    as that student -- ``{mutant: (student, assignment)}`` --, the others in packs."""
+    as that student -- ``{(assignment, mutant): (student, assignment)}`` --, the others in
+    packs.  (Mutant names are unique within an assignment only.)"""
     students = {data: (sample.student, name.split("/")[0])
                 for sample in sample_class(root) for name, data in sample.files.items()}
     as_student, rest = {}, []
     for mutant in all_mutants():
         same = students.get(corpus.dumps(mutant.notebook(root)))
         if same is not None:
-            as_student[mutant.name] = same
+            as_student[(mutant.assignment, mutant.name)] = same
         else:
             rest.append(mutant)
     return packs(rest), as_student

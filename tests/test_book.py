@@ -135,6 +135,35 @@ def test_a_docstring_that_is_not_rst_is_shown_as_written():
 
 
 # -- the built book -------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.stem)
+def test_lecture_executes(path):
+    """Each lecture runs top to bottom as a student's Lab runs it (jupytext reads the MyST
+    text), in well under a minute.  The executed notebook then goes into the book's
+    execution cache, so the book built below shows these very outputs instead of running
+    every lecture a second time (MyST-NB matches a cached notebook by its code)."""
+    import jupytext
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from nbclient import NotebookClient
+
+    notebook = jupytext.read(path)
+    start = time.monotonic()
+    # no timing in the cells' metadata: the cache matches notebooks by code and metadata
+    NotebookClient(notebook, timeout=120, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(COURSE)}}).execute()
+    elapsed = time.monotonic() - start
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    assert elapsed < 60, f"{path.name} took {elapsed:.0f} s; lectures must stay under a minute"
+    nbformat.validate(notebook)
+    cache = get_cache(conf().nb_execution_cache_path)
+    cache.cache_notebook_bundle(CacheBundleIn(notebook, str(path),
+                                              data={"execution_seconds": elapsed}),
+                                check_validity=False, overwrite=True)
+
+
 def sphinx(out: Path, *extra: str) -> subprocess.CompletedProcess:
     """Build like the Makefile does (warnings are errors), into ``out``."""
     return subprocess.run(

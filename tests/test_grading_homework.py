@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOMEWORK = samples.homework()
 MUTANTS = samples.all_mutants()
 PACKS, AS_STUDENT = samples.mutant_submissions()
-PACK_OF = {m.name: pack for pack in PACKS for m in pack.mutants}
+PACK_OF = {(m.assignment, m.name): pack for pack in PACKS for m in pack.mutants}
 pytestmark = pytest.mark.slow
 
 
@@ -77,14 +77,15 @@ def test_release_scores_zero_and_solutions_full_marks(graded):
         assert float(full["score"]) == float(full["max_score"]) > 0
 
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: f"{m.assignment}-{m.name}")
 def test_mutant_loses_exactly_its_points(graded, mutant):
     rows, out = graded
-    if mutant.name in AS_STUDENT:  # the very notebook of a sample student, graded as theirs
-        student, _ = AS_STUDENT[mutant.name]
+    key = (mutant.assignment, mutant.name)
+    if key in AS_STUDENT:  # the very notebook of a sample student, graded as theirs
+        student, _ = AS_STUDENT[key]
         graded_as, expected = student, mutant.expected_score()
     else:
-        pack = PACK_OF[mutant.name]
+        pack = PACK_OF[key]
         student = f"mutants-{PACKS.index(pack)}"
         graded_as, expected = pack.name, pack.expected_score()
     row = rows[(student, mutant.assignment)]
