@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= --durations=25
 # Test files run on two workers (a file's tests stay together: they share its worlds and
-# fixtures).  TEST_JOBS=0 runs everything in one process.
+# fixtures), the heavy ones first (tests/conftest.py).  TEST_JOBS=0 runs everything in one process.
 TEST_JOBS ?= 2
-XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: test test-fast lint soak venv instructor book book-solutions grade-sample clean
 

@@ -26,7 +26,7 @@ from autograder.course import Course, generate, secret_lines
 from autograder.bwrap import bwrap_status
 from autograder.processes import MARKER_ENV, list_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy(5)]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "toy_course")

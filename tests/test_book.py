@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import headless  # noqa: E402 - the helper next to this file
 
 LECTURES = sorted(COURSE.glob("[0-9][0-9]_*.md"))
+pytestmark = pytest.mark.heavy(4)  # runs the lectures, builds the book twice
 BOOK_PAGES = sorted((COURSE / "book").glob("*.md"))
 CJK = re.compile(r"[\u4e00-\u9fff]")
 TERM_ROLE = re.compile(r"\{term\}`([^`]+)`")

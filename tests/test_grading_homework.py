@@ -1,30 +1,26 @@
-"""Negative controls on the real homework, through the real `grade` command.
-
-One grading run (grading is the expensive part) covers: the bundled sample class, the
-untouched release (must score zero) and every mutant of every assignment (``autograder/mutants/``)
-(each must lose exactly the points of the checks it breaks, with feedback that names the
-misconception).  Mutants whose answers and failing checks do not overlap are graded together
-as one submission (``samples.packs``), which must then lose exactly the sum of their points.
+"""Negative controls on the real homework, through the real `grade` command: the bundled
+sample class and the untouched release (must score zero), in one grading run.  A mutant
+whose notebook is a sample student's is checked here, on that student's row; the other
+mutants are graded in ``tests/test_grading_mutants.py`` (on the other test worker).
 """
 
-import csv
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from autograder import corpus, samples
+from autograder import samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grading_support import feedback, grade, loses_exactly  # noqa: E402 - next to this file
 
 ROOT = Path(__file__).resolve().parents[1]
 HOMEWORK = samples.homework()
-MUTANTS = samples.all_mutants()
-PACKS, AS_STUDENT = samples.mutant_submissions()
-PACK_OF = {(m.assignment, m.name): pack for pack in PACKS for m in pack.mutants}
-pytestmark = pytest.mark.slow
+_, AS_STUDENT = samples.mutant_submissions()
+MUTANT = {(m.assignment, m.name): m for m in samples.all_mutants()}
+pytestmark = [pytest.mark.slow, pytest.mark.heavy(7)]
 
 
 def test_committed_sample_class_is_what_the_builders_make():
@@ -41,23 +37,7 @@ def graded(tmp_path_factory):
         target = submissions / "release" / assignment
         target.mkdir(parents=True)
         shutil.copy(release, target)
-    for i, pack in enumerate(PACKS):
-        target = submissions / f"mutants-{i}" / pack.assignment
-        target.mkdir(parents=True)
-        (target / f"{pack.assignment}.ipynb").write_bytes(corpus.dumps(pack.notebook()))
-    command = [sys.executable, "-m", "autograder", "grade", str(submissions), "--out", str(out),
-               "--cell-timeout", "30", "--jobs", "2", "--no-progress",
-               "--sandbox-uid", str(63000 + os.getpid() % 1000)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(out / "grades.csv", newline="") as f:
-        rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(f)}
-    return rows, out
-
-
-def feedback(out, student, assignment):
-    page = out / "feedback" / student / assignment / f"{assignment}.html"
-    return page.read_text(encoding="utf-8") if page.exists() else ""
+    return grade(submissions, out), out
 
 
 @pytest.mark.parametrize("sample", samples.sample_class(), ids=lambda s: s.student)
@@ -77,25 +57,12 @@ def test_release_scores_zero_and_solutions_full_marks(graded):
         assert float(full["score"]) == float(full["max_score"]) > 0
 
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: f"{m.assignment}-{m.name}")
-def test_mutant_loses_exactly_its_points(graded, mutant):
+@pytest.mark.parametrize("key", sorted(AS_STUDENT), ids=lambda k: "-".join(k))
+def test_mutant_that_is_a_sample_student_loses_exactly_its_points(graded, key):
     rows, out = graded
-    key = (mutant.assignment, mutant.name)
-    if key in AS_STUDENT:  # the very notebook of a sample student, graded as theirs
-        student, _ = AS_STUDENT[key]
-        graded_as, expected = student, mutant.expected_score()
-    else:
-        pack = PACK_OF[key]
-        student = f"mutants-{PACKS.index(pack)}"
-        graded_as, expected = pack.name, pack.expected_score()
-    row = rows[(student, mutant.assignment)]
-    assert row["status"] == "graded", (graded_as, row["status"])
-    assert float(row["score"]) == expected, graded_as
-    # a mutant with nothing to fail is an honest variant that must keep every point
-    assert (float(row["score"]) < float(row["max_score"])) == bool(mutant.fails), graded_as
-    page = feedback(out, student, mutant.assignment)
-    for phrase in mutant.feedback:
-        assert phrase.replace("'", "&#39;") in page or phrase in page, phrase
+    mutant = MUTANT[key]
+    student, assignment = AS_STUDENT[key]
+    loses_exactly(rows, out, student, [mutant], mutant.expected_score())
 
 
 def test_feedback_names_misconceptions_and_hides_hidden_tests(graded):
