@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # 200 consecutive 4-rank worlds next to a CPU-burning process: transient join failures must
-# stay invisible.  `make test` starts 24 of them; CI runs this after the tests.
+# stay invisible.  `make test` starts 8 of them; CI runs this after the tests.
 soak: $(STAMP)
 	PARALAB_SOAK_WORLDS=200 $(PY) -m pytest -q tests/test_launch.py -k cpu_burning_neighbour
 

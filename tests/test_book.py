@@ -136,6 +136,19 @@ def test_a_docstring_that_is_not_rst_is_shown_as_written():
 
 
 # -- the built book -------------------------------------------------------------------------------
+def slowdown() -> float:
+    """How much slower than an idle core of the 2-core reference machine Python runs right
+    now (at least 1): a fixed loop that takes 0.12 s there, timed here, best of three."""
+    best = min(_timed_loop() for _ in range(3))
+    return max(1.0, best / 0.12)
+
+
+def _timed_loop() -> float:
+    start = time.perf_counter()
+    sum(i * i for i in range(2_000_000))
+    return time.perf_counter() - start
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.stem)
 def test_lecture_executes(path):
@@ -150,6 +163,7 @@ def test_lecture_executes(path):
     from nbclient import NotebookClient
 
     notebook = jupytext.read(path)
+    before = slowdown()
     start = time.monotonic()
     # no timing in the cells' metadata: the cache matches notebooks by code and metadata
     NotebookClient(notebook, timeout=120, kernel_name="python3", record_timing=False,
@@ -157,7 +171,10 @@ def test_lecture_executes(path):
     elapsed = time.monotonic() - start
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    assert elapsed < 60, f"{path.name} took {elapsed:.0f} s; lectures must stay under a minute"
+    # a minute on an idle 2-core machine; a busy machine (measured now) gets more time
+    limit = 60 * max(before, slowdown())
+    assert elapsed < limit, (f"{path.name} took {elapsed:.0f} s (limit {limit:.0f} s at this "
+                             f"load); lectures must stay under a minute")
     nbformat.validate(notebook)
     cache = get_cache(conf().nb_execution_cache_path)
     cache.cache_notebook_bundle(CacheBundleIn(notebook, str(path),
