@@ -295,6 +295,29 @@ def close(expected: float, rel: float = 1e-9, abs_tol: float = 0.0, hint: str | 
     return check
 
 
+def match_formula(value: Any, expected: Any, misconceptions: Iterable[tuple[Any, str]] = (),
+                  symbols: Mapping[str, Any] | None = None) -> tuple[Verdict | None, Any]:
+    """What every homework's formula checks share: ``(verdict, value)`` where the verdict is
+    settled when ``value`` is no SymPy expression, equals ``expected`` or a known wrong
+    formula of ``misconceptions``, and ``None`` otherwise (the homework then explains how
+    the answer differs).  Floats are read as exact rationals, and a symbol is replaced by
+    ``symbols``' one of the same name (a kernel may build it with other assumptions)."""
+    import sympy
+
+    if not isinstance(value, sympy.Basic):
+        return Verdict(False, f"expected a SymPy expression, got {type(value).__name__}"), value
+    value = sympy.nsimplify(value, rational=True) if value.has(sympy.Float) else value
+    if symbols:
+        value = value.subs({x: symbols[x.name] for x in value.free_symbols
+                            if x.name in symbols})
+    if sympy.simplify(value - expected) == 0:
+        return Verdict(True, "correct"), value
+    for wrong, message in misconceptions:
+        if sympy.simplify(value - wrong) == 0:
+            return Verdict(False, message), value
+    return None, value
+
+
 def same_expression(expected: Any, hint: str | None = None, reveal: bool = True):
     """A SymPy expression equivalent to ``expected``: ``simplify(value - expected) == 0``.
     Floats in the answer are read as exact rationals (0.5 is 1/2)."""

@@ -14,7 +14,8 @@ from fractions import Fraction
 import sympy as sp
 import torch
 
-from autograder.checks import Probe, Raised, Verdict, as_real, handles_raised, make_checker
+from autograder.checks import (Probe, Raised, Verdict, as_real, handles_raised, make_checker,
+                               match_formula)
 from paralab import memory, schedules
 from paralab.memory import L, a, b, h, m, p, s, t, v
 from paralab.simulator import simulate
@@ -65,16 +66,9 @@ def formula_check(expected, misconceptions=(), at=None):
                     return Verdict(False, message)
             return Verdict(False, f"expected a formula in {names}, got a number: use the "
                                   f"symbols defined at the top of the notebook")
-        if not isinstance(value, sp.Basic):
-            return Verdict(False, f"expected a SymPy expression, got {type(value).__name__}")
-        value = sp.nsimplify(value, rational=True) if value.has(sp.Float) else value
-        value = value.subs({x: memory.SYMBOLS[x.name] for x in value.free_symbols
-                            if x.name in memory.SYMBOLS})
-        if sp.simplify(value - expected) == 0:
-            return Verdict(True, "correct")
-        for wrong, message in misconceptions:
-            if sp.simplify(value - wrong) == 0:
-                return Verdict(False, message)
+        verdict, value = match_formula(value, expected, misconceptions, memory.SYMBOLS)
+        if verdict is not None:
+            return verdict
         extra = value.free_symbols - expected.free_symbols
         if extra:
             return Verdict(False, f"{value} depends on {', '.join(sorted(map(str, extra)))}; "

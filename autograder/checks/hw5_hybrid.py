@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import math
 
-import sympy as sp
 
 from autograder.checks import (Probe, Raised, Verdict, as_integer, handles_raised,
+                               match_formula,
                                make_checker)
 from paralab import formulas, mesh
 
@@ -207,16 +207,9 @@ def formula_check(expected, misconceptions=()):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return Verdict(False, "expected a formula, got a number: use the symbols defined "
                                   "at the top of the notebook")
-        if not isinstance(value, sp.Basic):
-            return Verdict(False, f"expected a SymPy expression, got {type(value).__name__}")
-        value = sp.nsimplify(value, rational=True) if value.has(sp.Float) else value
-        value = value.subs({s: formulas.SYMBOLS[s.name] for s in value.free_symbols
-                            if s.name in formulas.SYMBOLS})
-        if sp.simplify(value - expected) == 0:
-            return Verdict(True, "correct")
-        for wrong, message in misconceptions:
-            if sp.simplify(value - wrong) == 0:
-                return Verdict(False, message)
+        verdict, value = match_formula(value, expected, misconceptions, formulas.SYMBOLS)
+        if verdict is not None:
+            return verdict
         extra = value.free_symbols - expected.free_symbols
         if extra:
             names = ", ".join(sorted(map(str, extra)))

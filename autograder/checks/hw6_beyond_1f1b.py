@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import sympy as sp
 
-from autograder.checks import Probe, Raised, Verdict, as_real, handles_raised, make_checker
+from autograder.checks import (Probe, Raised, Verdict, as_real, handles_raised, make_checker,
+                               match_formula)
 from paralab import formulas
 from paralab.formulas import DEEPSEEK_SYMBOLS
 from paralab.schedules import Action, Schedule, ScheduleError, build, dualpipe_v, validate
@@ -242,16 +243,10 @@ def formula_check(expected, misconceptions=()):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return Verdict(False, "expected a formula in PP, F, B, W, FB, got a number: use "
                                   "the symbols of the setup cell")
-        if not isinstance(value, sp.Basic):
-            return Verdict(False, f"expected a SymPy expression, got {type(value).__name__}")
-        value = sp.nsimplify(value, rational=True) if value.has(sp.Float) else value
-        names = {s.name: s for s in SYMBOLS}
-        value = value.subs({s: names[s.name] for s in value.free_symbols if s.name in names})
-        if _same(value, expected):
-            return Verdict(True, "correct")
-        for wrong, message in misconceptions:
-            if _same(value, wrong):
-                return Verdict(False, message)
+        verdict, value = match_formula(value, expected, misconceptions,
+                                       {x.name: x for x in SYMBOLS})
+        if verdict is not None:
+            return verdict
         got, want = value.subs(CHUNK_COSTS), expected.subs(CHUNK_COSTS)
         if got.is_number and got != want:
             return Verdict(False, f"{value} is not the report's formula: with PP=8, F=2, B=4, "
