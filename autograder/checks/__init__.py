@@ -318,6 +318,23 @@ def match_formula(value: Any, expected: Any, misconceptions: Iterable[tuple[Any,
     return None, value
 
 
+def each_size(diagnose: Callable[[Any, int, int], Verdict],
+              sizes: Iterable[tuple[int, int]]) -> Callable[[Any], Verdict]:
+    """A hidden test over schedules: one answer per ``(p, m)`` of ``sizes``, each diagnosed
+    by ``diagnose(schedule, p, m)``; the first that fails says which size it was."""
+    sizes = list(sizes)
+
+    def check(value: Any) -> Verdict:
+        if not isinstance(value, list) or len(value) != len(sizes):
+            return Verdict(False, "expected one schedule per hidden size")
+        for schedule, (p_value, m_value) in zip(value, sizes):
+            verdict = diagnose(schedule, p_value, m_value)
+            if not verdict.passed:
+                return Verdict(False, f"p={p_value}, m={m_value}: {verdict.message}")
+        return Verdict(True, f"correct on all {len(sizes)} hidden sizes")
+    return check
+
+
 def same_expression(expected: Any, hint: str | None = None, reveal: bool = True):
     """A SymPy expression equivalent to ``expected``: ``simplify(value - expected) == 0``.
     Floats in the answer are read as exact rationals (0.5 is 1/2)."""

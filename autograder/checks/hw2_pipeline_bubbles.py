@@ -11,7 +11,7 @@ from __future__ import annotations
 import sympy as sp
 
 from autograder.checks import (Probe, Raised, Verdict, as_integer, as_real, handles_raised,
-                               match_formula,
+                               each_size, match_formula,
                                make_checker)
 from paralab import formulas
 from paralab.formulas import evaluate
@@ -299,14 +299,7 @@ def schedule_check(p_value, m_value):
     return lambda value: diagnose_schedule(value, p_value, m_value)
 
 
-def hidden_schedules_check(value) -> Verdict:
-    if not isinstance(value, list) or len(value) != len(HIDDEN_SIZES):
-        return Verdict(False, "expected one schedule per hidden size")
-    for schedule, (p_value, m_value) in zip(value, HIDDEN_SIZES):
-        verdict = diagnose_schedule(schedule, p_value, m_value)
-        if not verdict.passed:
-            return Verdict(False, f"p={p_value}, m={m_value}: {verdict.message}")
-    return Verdict(True, f"correct on all {len(HIDDEN_SIZES)} hidden sizes")
+hidden_schedules_check = each_size(diagnose_schedule, HIDDEN_SIZES)
 
 
 def executor_check(value) -> Verdict:

@@ -14,7 +14,7 @@ from functools import lru_cache
 import sympy as sp
 
 from autograder.checks import (Probe, Raised, Verdict, as_real, handles_raised, make_checker,
-                               match_formula)
+                               each_size, match_formula)
 from paralab import formulas
 from paralab.formulas import DEEPSEEK_SYMBOLS
 from paralab.schedules import Action, Schedule, ScheduleError, build, dualpipe_v, validate
@@ -132,14 +132,7 @@ def schedule_check(p_value, m_value):
     return lambda value: diagnose_schedule(value, p_value, m_value)
 
 
-def hidden_schedules_check(value) -> Verdict:
-    if not isinstance(value, list) or len(value) != len(HIDDEN_SIZES):
-        return Verdict(False, "expected one schedule per hidden size")
-    for schedule, (p_value, m_value) in zip(value, HIDDEN_SIZES):
-        verdict = diagnose_schedule(schedule, p_value, m_value)
-        if not verdict.passed:
-            return Verdict(False, f"p={p_value}, m={m_value}: {verdict.message}")
-    return Verdict(True, f"correct on all {len(HIDDEN_SIZES)} hidden sizes")
+hidden_schedules_check = each_size(diagnose_schedule, HIDDEN_SIZES)
 
 
 # The library's schedule generators: all of them could stand in for the student's order.
