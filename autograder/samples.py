@@ -301,7 +301,12 @@ def report(out: str) -> str:
     samples = {s.student: s for s in sample_class()}
     width = max([7] + [len(r["student"]) for r in rows])
     lines = [f"{'student':<{width}}  {'assignment':<22} {'score':>11}  status"]
+    # a sample student works on some assignments only: their empty rows are as expected
+    absent = [r for r in rows if r["status"] == "no submission" and r["student"] in samples
+              and not samples[r["student"]].submitted(r["assignment"])]
     for r in rows:
+        if r in absent:
+            continue
         score = f"{r['score']}/{r['max_score']}"
         lines.append(f"{r['student']:<{width}}  {r['assignment']:<22} {score:>11}  "
                      f"{r['status']}")
@@ -311,6 +316,9 @@ def report(out: str) -> str:
             verdict = "as expected" if float(r["score"]) == expected else "NOT AS EXPECTED"
             lines.append(f"{'':<{width}}  {'':<22} {'':>11}  expected {expected:g} "
                          f"({verdict}): {sample.explain(r['assignment'])}")
+    if absent:
+        lines.append(f"({len(absent)} rows of sample students for assignments they did not "
+                     f"submit, scored 0 as expected, are left out)")
     if samples.keys() & {r["student"] for r in rows}:
         lines.append("\nthe sample class: " + "; ".join(f"{s.student}: {s.about}"
                                                         for s in samples.values()))
