@@ -121,6 +121,23 @@ def handles_raised(check: Callable) -> Callable:
     return check
 
 
+def originality(check: Callable[[Any], Verdict], delegated: str) -> Callable[[Any], Verdict]:
+    """The verdict on an originality probe's answer (the student's function run again where
+    the library's reference raises ``ReferenceUnavailable``): ``delegated`` says what to
+    do instead when the answer called the reference; otherwise ``check`` judges the answer
+    the student's own code gave."""
+    @handles_raised
+    def verdict(value: Any) -> Verdict:
+        if isinstance(value, Raised):
+            if value.type == "ReferenceUnavailable":
+                return Verdict(False, f"{delegated} ({value.message})")
+            return Verdict(False, value.describe())
+        judged = check(value)
+        return Verdict(judged.passed, "your own implementation" if judged.passed
+                       else judged.message)
+    return verdict
+
+
 def run_check(checks: Mapping[str, Callable], key: str, encoded: Any,
               symbols: Iterable[Any] = (), functions: Any = None) -> Verdict:
     """Decode ``encoded`` and apply ``checks[key]``; never raises: whatever goes wrong with

@@ -10,7 +10,8 @@ from collections import Counter
 
 import torch
 
-from autograder.checks import Probe, Raised, Verdict, as_integer, handles_raised, make_checker
+from autograder.checks import (Probe, Verdict, as_integer, make_checker,
+                               originality)
 from paralab import comm, formulas, tp
 from paralab.formulas import evaluate
 
@@ -411,16 +412,9 @@ PROBES = {
 }
 
 
-@handles_raised
-def own_implementation_check(value) -> Verdict:
-    if isinstance(value, Raised):
-        if value.type == "ReferenceUnavailable":
-            return Verdict(False, f"write f and g yourself instead of using paralab.tp "
-                                  f"({value.message})")
-        return Verdict(False, value.describe())
-    verdict = tp_ffn_check(ORIGINALITY_CASE)(value)
-    return Verdict(verdict.passed, "your own implementation" if verdict.passed
-                   else verdict.message)
+own_implementation_check = originality(
+    lambda value: tp_ffn_check(ORIGINALITY_CASE)(value),
+    "write f and g yourself instead of using paralab.tp")
 
 
 CHECKS = {key: shape_check(key) for key in SHAPE_KEYS}

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from autograder.checks import (Probe, Raised, Verdict, as_integer, as_real, handles_raised,
-                               each_size, match_formula,
+from autograder.checks import (Probe, Verdict, as_integer, as_real, each_size, match_formula, originality,
                                make_checker)
 from paralab import formulas
 from paralab.formulas import evaluate
@@ -339,16 +338,9 @@ PROBES = {
 }
 
 
-@handles_raised
-def own_implementation_check(value) -> Verdict:
-    if isinstance(value, Raised):
-        if value.type == "ReferenceUnavailable":
-            return Verdict(False, f"one_f_one_b must build the order itself, not call the "
-                                  f"library's schedule generators ({value.message})")
-        return Verdict(False, value.describe())
-    verdict = diagnose_schedule(value, *ORIGINALITY_SIZE)
-    return Verdict(verdict.passed, "your own implementation" if verdict.passed
-                   else verdict.message)
+own_implementation_check = originality(
+    lambda value: diagnose_schedule(value, *ORIGINALITY_SIZE),
+    "one_f_one_b must build the order itself, not call the library's schedule generators")
 
 
 _T16 = timing_checks(HOMEWORK_16)

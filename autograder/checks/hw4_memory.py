@@ -14,8 +14,8 @@ from fractions import Fraction
 import sympy as sp
 import torch
 
-from autograder.checks import (Probe, Raised, Verdict, as_real, handles_raised, make_checker,
-                               match_formula)
+from autograder.checks import (Probe, Verdict, as_real, make_checker,
+                               match_formula, originality)
 from paralab import memory, schedules
 from paralab.memory import L, a, b, h, m, p, s, t, v
 from paralab.simulator import simulate
@@ -469,17 +469,10 @@ PROBES = {
 }
 
 
-@handles_raised
-def own_implementation_check(value) -> Verdict:
-    if isinstance(value, Raised):
-        if value.type == "ReferenceUnavailable":
-            return Verdict(False, f"checkpoint the layers yourself (torch.utils.checkpoint is "
-                                  f"fine) instead of switching on the layer's own "
-                                  f"recomputation ({value.message})")
-        return Verdict(False, value.describe())
-    verdict = stage_check(ORIGINALITY_STAGE)(value)
-    return Verdict(verdict.passed, "your own implementation" if verdict.passed
-                   else verdict.message)
+own_implementation_check = originality(
+    lambda value: stage_check(ORIGINALITY_STAGE)(value),
+    "checkpoint the layers yourself (torch.utils.checkpoint is fine) instead of switching on "
+    "the layer's own recomputation")
 
 
 CHECKS = {

@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import sympy as sp
 
-from autograder.checks import (Probe, Raised, Verdict, as_real, handles_raised, make_checker,
-                               each_size, match_formula)
+from autograder.checks import (Probe, Verdict, as_real, make_checker,
+                               each_size, match_formula, originality)
 from paralab import formulas
 from paralab.formulas import DEEPSEEK_SYMBOLS
 from paralab.schedules import Action, Schedule, ScheduleError, build, dualpipe_v, validate
@@ -148,16 +148,9 @@ PROBES = {
 }
 
 
-@handles_raised
-def own_implementation_check(value) -> Verdict:
-    if isinstance(value, Raised):
-        if value.type == "ReferenceUnavailable":
-            return Verdict(False, f"zb_h1 must build the order itself, not call the library's "
-                                  f"schedule generators ({value.message})")
-        return Verdict(False, value.describe())
-    verdict = diagnose_schedule(value, *ORIGINALITY_SIZE)
-    return Verdict(verdict.passed, "your own implementation" if verdict.passed
-                   else verdict.message)
+own_implementation_check = originality(
+    lambda value: diagnose_schedule(value, *ORIGINALITY_SIZE),
+    "zb_h1 must build the order itself, not call the library's schedule generators")
 
 
 def _number(expected, misconceptions, hint):
