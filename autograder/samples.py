@@ -149,11 +149,8 @@ class Pack:
         return set().union(*(m.fails for m in self.mutants))
 
     def notebook(self, root: str = ROOT):
-        nb = solved(self.assignment, root)
-        for mutant in self.mutants:
-            for cell, code in mutant.answers.items():
-                nb = corpus.replace_solution(nb, cell, code)
-        return nb
+        return apply(solved(self.assignment, root), self.mutants,
+                     *(m.name for m in self.mutants))
 
     def expected_score(self, root: str = ROOT) -> float:
         return expected_score(self.assignment, self.fails, root)
