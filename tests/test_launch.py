@@ -531,6 +531,19 @@ def test_only_connection_failures_while_joining_count_as_transient():
         assert rendezvous.transient_failure([rec]) is None, rec
 
 
+def test_the_rank_whose_join_failed_is_blamed_not_the_ones_that_stopped_for_it():
+    """A failed join reads like a vanished peer ("Connection reset by peer"), and the ranks
+    that stop because of it (JoinAborted) may report first on a loaded machine: the order
+    of the reports must not decide who is blamed."""
+    join = rendezvous.PHASE
+    own = _record(join, "DistNetworkError", "Connection reset by peer", t=2.0)
+    aborted = _record(join, "JoinAborted", "another rank could not join", t=1.0)
+    assert diagnosis._is_victim(aborted) and not diagnosis._is_victim(own)
+    # after the join, the same message is a victim's: a peer went away while fn ran
+    assert diagnosis._is_victim(_record("running fn", "DistNetworkError",
+                                        "Connection reset by peer"))
+
+
 BURN_S = 600  # the burner's own limit, should the test be killed before it stops it
 BURNER = f"import time\nend = time.monotonic() + {BURN_S}\nwhile time.monotonic() < end:\n    pass\n"
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 from .errors import WorkerError, WorkerTimeout
-from .rendezvous import JoinAborted
+from .rendezvous import PHASE, JoinAborted
 
 DUMP_WAIT_S = 1.0   # after SIGUSR1, how long a hung rank gets to write its stacks
 OUTPUT_TAIL = 20    # lines of a rank's output quoted in an error message
@@ -94,6 +94,10 @@ def _is_victim(rec: dict) -> bool:
     """Did this rank fail only because a peer vanished or never came (a consequence)?"""
     if rec["type"] == JoinAborted.__name__:
         return True
+    if rec.get("phase") == PHASE:
+        # its own join failed: that is what the others' JoinAborted follows, even when the
+        # message reads like a vanished peer ("Connection reset by peer")
+        return False
     return rec["type"] in _VICTIM_TYPES and bool(_VICTIM_PATTERNS.search(rec["message"]))
 
 
