@@ -34,7 +34,8 @@ class Limits:
         "seconds a kernel gets to stop after the interrupt before the notebook is stopped",
         "s"))
     notebook_timeout: float = field(default=900.0, metadata=_f(
-        "wall-clock seconds for the whole notebook", "s"))
+        "wall-clock seconds for the whole notebook, from its first cell on (starting the "
+        "kernel has its own bound of 60 s)", "s"))
     memory_mb: int = field(default=4096, metadata=_f(
         "memory of all processes of a notebook together (proportional set size)", "MiB"))
     process_memory_mb: int = field(default=0, metadata=_f(

@@ -50,6 +50,10 @@ ANSWERS_ENV = "PARALAB_ANSWERS"
 MAX_ANSWERS_BYTES = 32 * 2**20
 MAX_JOB_BYTES = 80 * 2**20
 POLL_S = 0.1
+# The notebook's wall clock starts with its first cell: how long a kernel takes to start says
+# something about the grading machine (its load, a cold disk cache), nothing about the
+# student, whose code has not run yet.  Starting the kernel gets its own bound instead.
+KERNEL_START_S = 60.0
 _F_SETPIPE_SZ = 1031
 
 
@@ -194,7 +198,8 @@ class Sandbox:
             else:
                 cmd = [sys.executable] + inner
             job = {"notebook": nb, "limits": limits.to_dict(), "workdir": work,
-                   "nproc": self._proc_limit(uid), "uid": uid, "answers_fd": answers_w}
+                   "nproc": self._proc_limit(uid), "uid": uid, "answers_fd": answers_w,
+                   "startup_timeout": KERNEL_START_S}
             before = {p.pid for p in list_processes().values() if p.ppid == os.getpid()}
             cgroup = None
             if self.mode == "none" and os.geteuid() == 0 and limits.max_procs:
@@ -281,6 +286,7 @@ class Sandbox:
         sel.register(answers_fd, selectors.EVENT_READ, "answers")
         eof = False
         near_cap_since = None
+        first_cell = None  # when the notebook's first cell started (its clock's zero)
         try:
             while True:
                 for key, _ in sel.select(timeout=POLL_S):
@@ -336,8 +342,18 @@ class Sandbox:
                                    f"memory limit ({mb_text(limits.memory_mb)})", tree, popen)
                         return
                 # the wall clock last: a notebook stuck at a limit was stopped by that limit
-                if limits.notebook_timeout and \
-                        time.monotonic() - start > limits.notebook_timeout:
+                now = time.monotonic()
+                if first_cell is None and (progress.running is not None or progress.cells):
+                    first_cell = now
+                if first_cell is None:
+                    # the runner gives up on a kernel after KERNEL_START_S itself; this is
+                    # for a runner that cannot even do that
+                    if limits.notebook_timeout and now - start > KERNEL_START_S + 10:
+                        self._stop(result, reader, "timed out",
+                                   f"the kernel did not start within {KERNEL_START_S:g} s",
+                                   tree, popen)
+                        return
+                elif limits.notebook_timeout and now - first_cell > limits.notebook_timeout:
                     self._stop(result, reader, "timed out",
                                f"notebook limit {limits.notebook_timeout:g} s reached", tree,
                                popen)

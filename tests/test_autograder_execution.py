@@ -112,6 +112,29 @@ def test_every_limit_on_the_command_line_reaches_the_running_notebook(mini, tmp_
     assert run["status"] == "completed" and run["elapsed"] < 30
 
 
+def _code_notebook(*sources: str) -> dict:
+    return {"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+            "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "source": src,
+                       "outputs": [], "execution_count": None}
+                      for i, src in enumerate(sources)]}
+
+
+@pytest.mark.slow
+def test_the_notebook_clock_starts_with_its_first_cell_not_with_the_kernel(tmp_path):
+    """Starting a kernel takes a second or more (many on a loaded machine), longer than
+    this notebook limit: a quick notebook still completes, a slow one is stopped in the
+    cell that ran over."""
+    from autograder.sandbox import Sandbox
+    box = Sandbox.create("auto", Limits(notebook_timeout=0.4, cell_timeout=30),
+                         tmp_root=str(tmp_path))
+    quick = box.run(_code_notebook("x = 1", "y = x + 1"))
+    assert (quick.status, quick.reason) == ("completed", ""), quick.reason
+    assert sorted(quick.cells) == [0, 1]
+    slow = box.run(_code_notebook("x = 1", "import time\ntime.sleep(3)", "y = 2"))
+    assert (slow.status, slow.reason) == ("timed out", "notebook limit 0.4 s reached")
+    assert slow.running == 1 and sorted(slow.cells) == [0]
+
+
 # ---------------------------------------------------------------------------------------
 # The plan and the events
 
