@@ -5,11 +5,12 @@ waits for each time.  Both sides run the same function: join the process group, 
 all_reduce, return.  `spawn` is what multiprocessing / torch.multiprocessing.spawn use by
 default for torch; run() forks from a forkserver that imported torch once.
 
-It also measures what the forkserver's preload costs a whole Python process that starts
-one world (a lecture kernel, a test process, a command-line call): with the preload list
-run() uses, against the same list plus `torch.distributed.tensor` and
-`torch.distributed.pipelining` (which the launcher used to preload although only some
-exercises' workers use them), alternating the two so that both see the same load.
+It also measures what the forkserver's preload of `torch._dynamo` does to a whole Python
+process that starts one world (a lecture kernel, a test process, a command-line call): with
+run()'s preload list against the same list without it, alternating the two so that both see
+the same load, for two kinds of world.  In a world that trains (each rank a forward, a
+backward and an optimizer step, as the course's worlds do) every rank would otherwise import
+it itself; in a bare world (one all_reduce) it is paid for nothing.
 
     python bench/bench_launch.py [--world-size 4] [--repeats 10] [--spawn-repeats 2]
                                  [--process-repeats 3]
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from paralab.launch import device, lifecycle, run
 
-EXTRA_PRELOAD = ["torch.distributed.tensor", "torch.distributed.pipelining"]
+MEASURED = "torch._dynamo"
 
 
 def work(rank, world_size):
@@ -38,10 +39,21 @@ def work(rank, world_size):
     return t.sum().item()
 
 
-def one_world_process(world_size: int, extra_preload: bool) -> float:
-    """Wall time of a fresh Python process that starts one world and exits."""
+def train(rank, world_size):
+    """What a rank of the course's worlds does: forward, backward, an optimizer step, and
+    the all_reduce of ``work``."""
+    model = torch.nn.Linear(8, 8).to(device())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 8, device=device())).sum().backward()
+    optimizer.step()
+    return work(rank, world_size)
+
+
+def one_world_process(world_size: int, preload: bool, kind: str) -> float:
+    """Wall time of a fresh Python process that starts one world of ``kind`` and exits."""
     command = [sys.executable, os.path.abspath(__file__), "--one-world",
-               "heavy" if extra_preload else "light", "--world-size", str(world_size)]
+               "with" if preload else "without", "--kind", kind,
+               "--world-size", str(world_size)]
     t0 = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -83,14 +95,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--spawn-repeats", type=int, default=2)
     parser.add_argument("--process-repeats", type=int, default=3)
-    parser.add_argument("--one-world", choices=["light", "heavy"], help=argparse.SUPPRESS)
+    parser.add_argument("--one-world", choices=["with", "without"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["train", "bare"], help=argparse.SUPPRESS)
     a = parser.parse_args()
     n = a.world_size
     expected = float(4 * sum(range(n)))
     if a.one_world:  # the child of one_world_process
-        if a.one_world == "heavy":
-            lifecycle.PRELOAD = lifecycle.PRELOAD + EXTRA_PRELOAD
-        assert run(work, n, echo=False) == [expected] * n
+        if a.one_world == "without":
+            lifecycle.PRELOAD = [m for m in lifecycle.PRELOAD if m != MEASURED]
+        fn = train if a.kind == "train" else work
+        assert run(fn, n, echo=False) == [expected] * n
         return
 
     first = timed(lambda: run(work, n, echo=False))  # the first run() starts the forkserver
@@ -111,17 +125,19 @@ def main():
     print(f"  speed-up over spawn: first world {baseline / first:.1f}x, "
           f"repeated worlds {baseline / repeated:.1f}x")
 
-    light, heavy = [], []
-    for _ in range(a.process_repeats):  # alternated: both see the same load
-        heavy.append(one_world_process(n, extra_preload=True))
-        light.append(one_world_process(n, extra_preload=False))
-    light_s, heavy_s = statistics.median(light), statistics.median(heavy)
-    print(f"a Python process that starts one {n}-rank world "
-          f"(median of {a.process_repeats}):")
-    print(f"  {light_s:6.2f} s  preloading {', '.join(lifecycle.PRELOAD)} (run()'s list)")
-    print(f"  {heavy_s:6.2f} s  preloading also {', '.join(EXTRA_PRELOAD)}")
-    print(f"  ratio {heavy_s / light_s:.2f}x: what the extra preload would cost every process "
-          f"that starts a world")
+    assert MEASURED in lifecycle.PRELOAD
+    print(f"a Python process that starts one {n}-rank world, run()'s preload list "
+          f"({', '.join(lifecycle.PRELOAD)}) against the same without {MEASURED} "
+          f"(medians of {a.process_repeats}):")
+    for kind, what in (("train", "ranks train (forward, backward, optimizer step)"),
+                       ("bare", "ranks only all_reduce")):
+        with_, without = [], []
+        for _ in range(a.process_repeats):  # alternated: both see the same load
+            without.append(one_world_process(n, False, kind))
+            with_.append(one_world_process(n, True, kind))
+        w, wo = statistics.median(with_), statistics.median(without)
+        print(f"  {what}: {w:5.2f} s with, {wo:5.2f} s without: "
+              f"without/with {wo / w:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,15 @@ from .backend import resolve_backend
 from .diagnosis import first_line, read_text
 
 # Imported once by the forkserver, so that forking a worker costs milliseconds instead of
-# an `import torch` each.  Only what every worker uses (and only third-party modules: a
-# preloaded copy of the course's own modules would go stale when they are edited under a
-# running notebook).  Heavier parts of torch that some exercises use (DTensor, pipelining:
-# ~0.5 s each) are imported by the workers that need them, not by every process that
-# starts a world (bench/bench_launch.py measures the difference).
-PRELOAD = ["torch", "torch.distributed", "cloudpickle"]
+# an `import torch` each.  Only what workers use (and only third-party modules: a preloaded
+# copy of the course's own modules would go stale when they are edited under a running
+# notebook).  `torch._dynamo` (with SymPy, ~1.3 s) is there because a rank's first backward
+# and its first optimizer import it: nearly every world of the course runs both, and paying
+# it once in the forkserver instead of once per rank takes a third off the CPU time of the
+# course's notebooks.  A world that never runs a backward pays it for nothing, once per
+# process; bench/bench_launch.py measures both sides.  DTensor and pipelining, which only
+# some exercises use, are then imported by the workers that need them in ~0.03 s.
+PRELOAD = ["torch", "torch.distributed", "cloudpickle", "torch._dynamo"]
 
 GRACE_S = 2.0       # after a rank fails, how long the others get to fail or finish on their own
 POLL_S = 0.05       # how often the parent looks for result/error files
