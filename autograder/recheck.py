@@ -8,7 +8,8 @@ more for the checks that run real processes.  ``grade`` starts this process as s
 knows which assignments it grades, at the notebooks' priority, so that all of this happens
 while the notebooks run:
 
-1. it gets ready as the re-check would (memory limit first, then the imports) and prints
+1. it gets ready as the re-check would (memory limit first, then the imports, and the
+   launcher's forkserver when the check module says ``STARTS_WORLDS = True``) and prints
    one line, the check module's ``GRADE_CELLS``,
    ``RELEASE_FILES`` and ``PROBES`` as JSON (``{"module": null}`` when it cannot load it),
    so that the grader itself need not import the check module;
@@ -63,9 +64,15 @@ def prepare(argv: list[str]) -> Any:
     for directory in _option(argv, "--checks-path"):
         checks.add_path(directory)
     try:
-        return verify.load_module(argv[0])
+        module = verify.load_module(argv[0])
     except Exception:  # noqa: BLE001 - verify.main reports it
         return None
+    if getattr(module, "STARTS_WORLDS", False):
+        # its checks run worlds: the process they fork from imports torch now, while
+        # the notebooks run, not when the first answer that needs a world is checked
+        from paralab import launch
+        launch.warm_up()
+    return module
 
 
 def describe(module: Any) -> dict | None:

@@ -653,6 +653,35 @@ def test_command_line_starts_local_processes(tmp_path):
         assert f"[rank {r}] returned 12.0" in done.stdout  # (1 + 2 + 3) * 2
 
 
+WARM_UP = """
+import sys
+from multiprocessing import forkserver
+from paralab import launch
+
+def rank(r, world_size):
+    return r
+
+if __name__ == "__main__":
+    assert forkserver._forkserver._forkserver_pid is None
+    launch.warm_up()                       # returns without waiting for the imports
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None
+    launch.warm_up()                       # running already: nothing to do
+    assert forkserver._forkserver._forkserver_pid == server
+    assert launch.run(rank, 2, echo=False) == [0, 1]
+    assert forkserver._forkserver._forkserver_pid == server   # the world forked from it
+    print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_warm_up_starts_the_forkserver_the_first_world_then_uses(tmp_path):
+    (tmp_path / "warm.py").write_text(WARM_UP)
+    done = subprocess.run([sys.executable, "warm.py"], cwd=tmp_path, env=_env_with(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_command_line_under_torchrun(tmp_path):
     (tmp_path / "tinymod.py").write_text(TINY_MODULE)

@@ -405,6 +405,9 @@ CHECKS = {
     "own_implementation": own_implementation_check,
     "executor_p4_m8": executor_check,
 }
+# executor_check runs the recorded schedule on 4 real ranks: the clean re-check starts
+# the launcher's forkserver while the notebooks still run (autograder/recheck.py)
+STARTS_WORLDS = True
 
 GRADE_CELLS = {
     "test_T_total": ["T_total"],

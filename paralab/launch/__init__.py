@@ -22,10 +22,12 @@ never reaches a collective hangs the notebook forever.  ``run`` instead
 
 * serialises ``fn`` and its arguments by value with cloudpickle, so notebook functions,
   closures and lambdas work;
-* forks workers from a ``forkserver`` that has torch already imported (~2 s for the first
-  4-rank world of a Python process, ~0.2 s for the next ones, against 3-9 s for every
-  world with ``spawn`` on the course machines: ``bench/bench_launch.py``), each worker with
-  one intra-op thread (N ranks x default threads on 2 cores are 30-70x slower);
+* forks workers from a ``forkserver`` that has torch (and what a rank's first backward
+  and optimizer import) already imported (~3 s for the first 4-rank world of a Python
+  process, ~0.2 s for the next ones, against 3-9 s for every world with ``spawn`` on the
+  course machines: ``bench/bench_launch.py``), each worker with one intra-op thread
+  (N ranks x default threads on 2 cores are 30-70x slower); :func:`warm_up` starts it
+  ahead, for a program that has something else to do first;
 * meets at a ``TCPStore`` that the parent opens on a port the OS chooses (no port races),
   and starts the world again when its ranks could not connect (a transient failure on a
   loaded machine), at most 3 times, before any rank has run fn: fn runs once per rank;
@@ -97,10 +99,10 @@ The package, by concept
 from .backend import device, resolve_backend
 from .cli import main
 from .errors import WorkerError, WorkerTimeout
-from .lifecycle import run
+from .lifecycle import run, warm_up
 from .torchrun import from_env
 
-__all__ = ["run", "from_env", "device", "WorkerError", "WorkerTimeout", "main"]
+__all__ = ["run", "warm_up", "from_env", "device", "WorkerError", "WorkerTimeout", "main"]
 
 # The name paralab.pipeline has always called it by.
 _resolve_backend = resolve_backend

@@ -240,6 +240,16 @@ def _load_errors(d: str, ranks) -> dict[int, dict]:
     return out
 
 
+def warm_up() -> None:
+    """Start the process that :func:`run` forks workers from, and return at once: its
+    imports (seconds) then happen while the caller does something else, instead of when
+    the first world starts.  Nothing to do where workers are spawned, or when it runs."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
+
+
 def _context():
     global _preloaded
     if "forkserver" not in mp.get_all_start_methods():  # not Linux or macOS
