@@ -33,11 +33,13 @@ world, as before.
 Measured along the way: each compute step's start and end (waiting for data is idle, as in
 the simulator) and the bytes autograd saves for backward, via saved-tensor hooks.
 ``costs`` makes each compute step last a fixed time (its real compute runs inside it);
-``recompute`` keeps only each stage's input in the forward and recomputes in the backward.
+``recompute`` keeps only each stage's input in the forward and recomputes in the backward,
+from the random state the forward started from (dropout masks are the forward's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -132,7 +134,9 @@ class RankExecutor:
         start = time.perf_counter()
         inp = inp.detach().requires_grad_(take is not None)
         stage = self.stages[s]
+        rng = None
         if self.recompute:  # keep only the input; B rebuilds the graph
+            rng = self._rng_state()  # ...drawing the same dropout masks as this forward
             with torch.no_grad():
                 out = stage(inp)
             held = inp.numel() * inp.element_size()
@@ -144,7 +148,7 @@ class RankExecutor:
                     out = self.model.loss(out, self.ys[i], self.schedule.num_microbatches)
                     self.losses[i] = out.item()
             held = sum(sizes)
-        self.saved[(i, s)] = {"input": inp, "output": out, "bytes": held}
+        self.saved[(i, s)] = {"input": inp, "output": out, "bytes": held, "rng": rng}
         self.meter.change(held, start - self.t0)
         for key in gives:
             self.mailbox[key] = out.detach()
@@ -155,7 +159,7 @@ class RankExecutor:
         grad_out = entry["grad_out"] = None if take is None else self.mailbox.pop(take)
         start = time.perf_counter()
         if self.recompute:
-            with self.meter.hooks([]):
+            with self.meter.hooks([]), self._replaying(entry["rng"]):
                 out = self.stages[s](entry["input"])
                 if s == self.last:
                     out = self.model.loss(out, self.ys[i], self.schedule.num_microbatches)
@@ -180,6 +184,24 @@ class RankExecutor:
         torch.autograd.backward(entry["output"], entry["grad_out"], inputs=self.parameters[s])
         self._release(i, s)
         self._finish("W", i, s, start)
+
+    def _rng_state(self):
+        """The random state a forward starts from (the device's too, on a GPU)."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    @contextlib.contextmanager
+    def _replaying(self, state):
+        """Run the recomputation from the random state its forward started from, then put
+        the state back: dropout draws the forward's masks again (as torch.utils.checkpoint
+        does), and the forwards that follow draw what they would have without
+        recomputation."""
+        cpu, cuda = state
+        with torch.random.fork_rng(devices=[self.device] if cuda is not None else []):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            yield
 
     def _release(self, i, s):
         entry = self.saved.pop((i, s))
