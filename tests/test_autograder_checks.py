@@ -260,3 +260,26 @@ def test_verify_command_in_a_fresh_process(tmp_path):
 
 def test_verdict_is_a_pair():
     assert Verdict(True, "ok") == (True, "ok")
+
+
+def test_formula_check_explains_each_kind_of_wrong_formula():
+    from autograder.checks import formula_check
+
+    p, m, t = sp.symbols("p m t", positive=True)
+    check = formula_check((m + p - 1) * t, [(m * t, "that is the ideal time"), (8, "eight?")],
+                          symbols={"p": p, "m": m, "t": t},
+                          evaluate=lambda x: x.subs({p: 4, m: 8, t: 2}),
+                          where="at p=4, m=8, t=2")
+    plain = sp.symbols("p m t")  # a kernel's symbols, without the assumptions
+    assert check((plain[1] + plain[0] - 1) * plain[2]).passed
+    assert check(1.0 * (m + p - 1) * t).passed                   # floats read as rationals
+    assert check(m * t).message == "that is the ideal time"
+    assert check(8).message == "eight?"                          # a known wrong number
+    assert check(22).message == ("expected a formula in m, p, t, got a number: use the "
+                                 "symbols defined at the top of the notebook")
+    x = sp.Symbol("x")
+    assert check(x * t).message == "t*x depends on x; the answer depends only on m, p, t"
+    assert check((m + p) * t).message == ("t*(m + p) is not equivalent to the right formula: "
+                                          "at p=4, m=8, t=2 it gives 24, the right one 22")
+    bare = formula_check(m * t, right="the paper's formula")
+    assert bare(2 * m * t).message == "2*m*t is not the paper's formula"

@@ -335,6 +335,49 @@ def match_formula(value: Any, expected: Any, misconceptions: Iterable[tuple[Any,
     return None, value
 
 
+def formula_check(expected: Any, misconceptions: Iterable[tuple[Any, str]] = (),
+                  symbols: Mapping[str, Any] | None = None,
+                  evaluate: Callable[[Any], Any] | None = None, where: str = "",
+                  right: str = "equivalent to the right formula") -> Callable[[Any], Verdict]:
+    """The check of a formula answer, as every homework explains one: a number is refused
+    (or named, when it is a known wrong value), an equivalent formula passes, a known wrong
+    formula gets its message (:func:`match_formula`), a formula in symbols the answer does
+    not have says which, and any other shows what it gives at the homework's numbers:
+    ``evaluate(formula)`` is that number and ``where`` says which numbers in words ("at the
+    homework's p=4, m=8")."""
+    import sympy
+
+    misconceptions = list(misconceptions)
+    names = ", ".join(sorted(str(x) for x in expected.free_symbols))
+
+    def check(value: Any) -> Verdict:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = sympy.nsimplify(value, rational=True)
+            for wrong, message in misconceptions:
+                if sympy.simplify(number - wrong) == 0:
+                    return Verdict(False, message)
+            return Verdict(False, f"expected a formula in {names}, got a number: use the "
+                                  f"symbols defined at the top of the notebook")
+        verdict, value = match_formula(value, expected, misconceptions, symbols)
+        if verdict is not None:
+            return verdict
+        extra = value.free_symbols - expected.free_symbols
+        if extra:
+            return Verdict(False, f"{value} depends on {', '.join(sorted(map(str, extra)))}; "
+                                  f"the answer depends only on {names}")
+        if evaluate is not None:
+            try:
+                got, want = evaluate(value), evaluate(expected)
+            except Exception:  # noqa: BLE001 - a value that does not evaluate is just wrong
+                got = want = None
+            if got is not None and getattr(got, "is_number", False) and want.is_number \
+                    and got != want:
+                return Verdict(False, f"{value} is not {right}: {where} it gives {got}, "
+                                      f"the right one {want}")
+        return Verdict(False, f"{value} is not {right}")
+    return check
+
+
 def each_size(diagnose: Callable[[Any, int, int], Verdict],
               sizes: Iterable[tuple[int, int]]) -> Callable[[Any], Verdict]:
     """A hidden test over schedules: one answer per ``(p, m)`` of ``sizes``, each diagnosed

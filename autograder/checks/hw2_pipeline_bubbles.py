@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sympy as sp
 
-from autograder.checks import (Probe, Verdict, as_integer, as_real, each_size, match_formula, originality,
-                               make_checker)
+from autograder.checks import (Probe, Verdict, as_integer, as_real, each_size, formula_check,
+                               make_checker, originality)
 from paralab import formulas
 from paralab.formulas import evaluate
 from paralab.schedules import Schedule, ScheduleError, gpipe, validate
@@ -101,31 +101,9 @@ def timing_checks(values: dict) -> dict:
 
 
 # -- formulas -----------------------------------------------------------------------------
-def formula_check(expected, misconceptions=()):
-    """Symbolic equivalence with ``expected``; known wrong formulas get their message."""
-    def check(value) -> Verdict:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return Verdict(False, "expected a formula in p, m, t_f, t_b, got a number: use "
-                                  "the symbols defined at the top of the notebook")
-        verdict, value = match_formula(value, expected, misconceptions, formulas.SYMBOLS)
-        if verdict is not None:
-            return verdict
-        extra = value.free_symbols - expected.free_symbols
-        if extra:
-            names = ", ".join(sorted(map(str, extra)))
-            return Verdict(False, f"{value} depends on {names}; the answer does not")
-        at = {s: HOMEWORK[s.name] for s in expected.free_symbols | value.free_symbols
-              if s.name in HOMEWORK}
-        try:
-            got, want = value.subs(at), expected.subs(at)
-        except Exception:  # noqa: BLE001 - a value that does not substitute is just wrong
-            got = want = None
-        if got is not None and got.is_number and want.is_number and got != want:
-            return Verdict(False, f"{value} is not equivalent to the right formula: at the "
-                                  f"homework's p=4, m=8, t_f=2, t_b=4 it gives {got}, the "
-                                  f"right one {want}")
-        return Verdict(False, f"{value} is not equivalent to the right formula")
-    return check
+# A formula that is neither right nor a known mistake is shown with what it gives here.
+AT_HOMEWORK = dict(symbols=formulas.SYMBOLS, evaluate=lambda x: evaluate(x, **HOMEWORK),
+                   where="at the homework's p=4, m=8, t_f=2, t_b=4")
 
 
 T_TOTAL = formulas.gpipe_time()
@@ -146,7 +124,7 @@ def quantity_formula_check(name):
     others = [(expr, f"that is {_DESCRIBE[other]}, a different quantity also called 'bubble "
                      f"ratio'; {name} is {_DESCRIBE[name].split(' = ')[0]}")
               for other, expr in QUANTITIES.items() if other != name]
-    return formula_check(QUANTITIES[name], others)
+    return formula_check(QUANTITIES[name], others, **AT_HOMEWORK)
 
 
 def quantities_p4_m8(value) -> Verdict:
@@ -364,9 +342,9 @@ CHECKS = {
         (T_IDEAL + (p - 1) * t_b, "that leaves out the fill: the last stage waits (p-1) t_f "
                                   "for microbatch 0's forward to reach it"),
         ((m + p - 1) * t_f, "that is only the forward phase; GPipe then runs every "
-                            "backward, (m+p-1) t_b more")]),
+                            "backward, (m+p-1) t_b more")], **AT_HOMEWORK),
     "T_ideal_formula": formula_check(T_IDEAL, [
-        (T_TOTAL, "that is T_total; the ideal has no fill or drain")]),
+        (T_TOTAL, "that is T_total; the ideal has no fill or drain")], **AT_HOMEWORK),
     "time_ratio_formula": quantity_formula_check("time_ratio"),
     "bubble_overhead_formula": quantity_formula_check("bubble_overhead"),
     "bubble_fraction_formula": quantity_formula_check("bubble_fraction"),

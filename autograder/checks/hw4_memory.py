@@ -14,8 +14,8 @@ from fractions import Fraction
 import sympy as sp
 import torch
 
-from autograder.checks import (Probe, Verdict, as_real, make_checker,
-                               match_formula, originality)
+from autograder.checks import (Probe, Verdict, as_real, formula_check, make_checker,
+                               originality)
 from paralab import memory, schedules
 from paralab.memory import L, a, b, h, m, p, s, t, v
 from paralab.simulator import simulate
@@ -52,36 +52,15 @@ def _gib(x) -> str:
 
 
 # -- formulas ----------------------------------------------------------------------------------
-def formula_check(expected, misconceptions=(), at=None):
-    """Symbolic equivalence with ``expected`` (floats read as rationals, any symbol
-    assumptions); known wrong formulas get their message."""
-    names = ", ".join(sorted(str(x) for x in expected.free_symbols))
-    at = at if at is not None else {**MODEL, **LAYOUT}
-
-    def check(value) -> Verdict:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = sp.nsimplify(value, rational=True)
-            for wrong, message in misconceptions:
-                if sp.simplify(number - wrong) == 0:
-                    return Verdict(False, message)
-            return Verdict(False, f"expected a formula in {names}, got a number: use the "
-                                  f"symbols defined at the top of the notebook")
-        verdict, value = match_formula(value, expected, misconceptions, memory.SYMBOLS)
-        if verdict is not None:
-            return verdict
-        extra = value.free_symbols - expected.free_symbols
-        if extra:
-            return Verdict(False, f"{value} depends on {', '.join(sorted(map(str, extra)))}; "
-                                  f"the answer depends only on {names}")
-        got = memory.evaluate(value, **{k: x for k, x in at.items() if k in memory.SYMBOLS})
-        want = memory.evaluate(expected, **{k: x for k, x in at.items() if k in memory.SYMBOLS})
-        if got.is_number and want.is_number:
-            shown = ", ".join(f"{k}={x}" for k, x in at.items()
-                              if memory.SYMBOLS.get(k) in expected.free_symbols)
-            return Verdict(False, f"{value} is not equivalent to the right formula: at the "
-                                  f"homework's {shown} it gives {got}, the right one {want}")
-        return Verdict(False, f"{value} is not equivalent to the right formula")
-    return check
+def homework_formula(expected, misconceptions=(), at=None):
+    """:func:`formula_check` at this homework's numbers (the model and layout, or ``at``):
+    a wrong formula is shown with what it gives there."""
+    values = {k: x for k, x in (at if at is not None else {**MODEL, **LAYOUT}).items()
+              if k in memory.SYMBOLS}
+    shown = ", ".join(f"{k}={x}" for k, x in values.items()
+                      if memory.SYMBOLS[k] in expected.free_symbols)
+    return formula_check(expected, misconceptions, memory.SYMBOLS,
+                         lambda x: memory.evaluate(x, **values), f"at the homework's {shown}")
 
 
 def number_check(expected, misconceptions=(), hint="", unit="bytes"):
@@ -112,13 +91,13 @@ TP_AS_SP = ("that divides everything by t, which needs sequence parallelism too;
             "inputs of the QKV and first MLP linears replicated (TP without SP leaves the "
             "10·sbh replicated part): sbh(10 + 24/t + 5as/(ht))")
 
-LAYER_FORMULA = formula_check(A_NONE, [
+LAYER_FORMULA = homework_formula(A_NONE, [
     (34 * SBH, FORGOT_ATTENTION),
     (SBH * (36 + 6 * a * s / h), MASKS_AT_TWO),
     (2 * A_NONE, "that is with 4-byte activations and 2-byte masks; the question asks for "
                  "16-bit activations (2 bytes) and 1-byte masks"),
 ])
-TP_FORMULA = formula_check(A_TP, [
+TP_FORMULA = homework_formula(A_TP, [
     (A_TP_SP, TP_AS_SP),
     (SBH * (10 + 24 / t), "that leaves out the attention core 5as/(ht) (forgetting the 5as/h "
                           "term): without recomputation the scores, softmax and its dropout "
@@ -257,7 +236,7 @@ def first_stage_by_p(value) -> Verdict:
                           f"microbatches of L/p layers")
 
 
-INTERLEAVED_FACTOR = formula_check(memory.first_stage_factor("interleaved"), [
+INTERLEAVED_FACTOR = homework_formula(memory.first_stage_factor("interleaved"), [
     (1 / v, "interleaving does not divide the memory by v: each chunk holds 1/v of the "
             "stage's layers, but more chunk-microbatches are in flight (a longer warm-up)"),
     (sp.Integer(1), "interleaved 1F1B's first stage holds MORE than 1F1B's: its warm-up "

@@ -14,9 +14,8 @@ import itertools
 import math
 
 
-from autograder.checks import (Probe, Raised, Verdict, as_integer, handles_raised,
-                               match_formula,
-                               make_checker)
+from autograder.checks import (Probe, Raised, Verdict, as_integer, formula_check,
+                               handles_raised, make_checker)
 from paralab import formulas, mesh
 
 DIMS = mesh.DIMS
@@ -201,25 +200,10 @@ def crossing_check(value) -> Verdict:
 
 
 # -- part B: traffic per step -------------------------------------------------------------------
-def formula_check(expected, misconceptions=()):
-    """Symbolic equivalence with ``expected``; known wrong formulas get their message."""
-    def check(value) -> Verdict:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return Verdict(False, "expected a formula, got a number: use the symbols defined "
-                                  "at the top of the notebook")
-        verdict, value = match_formula(value, expected, misconceptions, formulas.SYMBOLS)
-        if verdict is not None:
-            return verdict
-        extra = value.free_symbols - expected.free_symbols
-        if extra:
-            names = ", ".join(sorted(map(str, extra)))
-            return Verdict(False, f"{value} depends on {names}; the answer does not")
-        at = dict(dp=2, pp=2, tp=2, L=4, B=16, d=8, m=2, e=8)
-        got, want = (formulas.evaluate(x, **at) for x in (value, expected))
-        return Verdict(False, f"{value} is not equivalent to the right formula: for the run "
-                              f"of part C (dp=pp=tp=2, L=4, B=16, d=8, m=2, e=8) it gives "
-                              f"{got}, the right one {want}")
-    return check
+# A formula that is neither right nor a known mistake is shown with what it gives here.
+RUN_C = dict(dp=2, pp=2, tp=2, L=4, B=16, d=8, m=2, e=8)
+AT_RUN_C = dict(symbols=formulas.SYMBOLS, evaluate=lambda x: formulas.evaluate(x, **RUN_C),
+                where="for the run of part C (dp=pp=tp=2, L=4, B=16, d=8, m=2, e=8)")
 
 
 PARAMS = formulas.ffn_stack_parameters()
@@ -237,7 +221,7 @@ PARAMS_CHECK = formula_check(PARAMS, [
     (WRONG_PARAMS["no_tp"], "tensor parallelism splits W1, b1 and W2 over the tp ranks"),
     (WRONG_PARAMS["dp_splits"], "data parallelism replicates the parameters: every replica "
                                 "holds all of them (splitting them over dp is what ZeRO adds)"),
-])
+], **AT_RUN_C)
 
 DP_BYTES = formulas.dp_traffic(PARAMS)
 DP_CHECK = formula_check(DP_BYTES, [
@@ -250,7 +234,7 @@ DP_CHECK = formula_check(DP_BYTES, [
                      "the tensor"),
 ] + [(formulas.dp_traffic(wrong), "the ring factor 2(dp-1)/dp is right, but the parameters "
                                   "one rank holds are not (see B1)")
-     for wrong in WRONG_PARAMS.values()])
+     for wrong in WRONG_PARAMS.values()], **AT_RUN_C)
 
 _LAST = formulas.ffn_stack_traffic("last")
 _FIRST = formulas.ffn_stack_traffic("first")
@@ -266,7 +250,7 @@ TP_CHECK = formula_check(_LAST["tp"], [
     (_LAST["tp"] * dp, "each pipeline (data-parallel replica) sees B/dp rows, not the whole "
                        "batch B"),
     (_LAST["tp"] / m, "per step, not per microbatch: the m microbatches each all-reduce"),
-])
+], **AT_RUN_C)
 PP_CHECK = formula_check(_LAST["pp"], [
     (formulas.ffn_stack_traffic("middle")["pp"],
      "the last stage has no next stage: it sends only gradients back, no activations"),
@@ -277,7 +261,7 @@ PP_CHECK = formula_check(_LAST["pp"], [
                        "1/tp of it)"),
     (_LAST["pp"] * dp, "each pipeline carries B/dp rows, not the whole batch"),
     (_LAST["pp"] / m, "per step: one gradient for each of the m microbatches"),
-])
+], **AT_RUN_C)
 
 
 # -- part C: 8 processes ---------------------------------------------------------------------------

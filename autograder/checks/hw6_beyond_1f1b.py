@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import sympy as sp
 
-from autograder.checks import (Probe, Verdict, as_real, make_checker,
-                               each_size, match_formula, originality)
+from autograder.checks import (Probe, Verdict, as_real, each_size, formula_check,
+                               make_checker, originality)
 from paralab import formulas
 from paralab.formulas import DEEPSEEK_SYMBOLS
 from paralab.schedules import Action, Schedule, ScheduleError, build, dualpipe_v, validate
@@ -224,21 +224,10 @@ def _same(a, b) -> bool:
     return sp.simplify(a - b) == 0
 
 
-def formula_check(expected, misconceptions=()):
-    def check(value) -> Verdict:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return Verdict(False, "expected a formula in PP, F, B, W, FB, got a number: use "
-                                  "the symbols of the setup cell")
-        verdict, value = match_formula(value, expected, misconceptions,
-                                       {x.name: x for x in SYMBOLS})
-        if verdict is not None:
-            return verdict
-        got, want = value.subs(CHUNK_COSTS), expected.subs(CHUNK_COSTS)
-        if got.is_number and got != want:
-            return Verdict(False, f"{value} is not the report's formula: with PP=8, F=2, B=4, "
-                                  f"W=2, FB=5 it gives {got}")
-        return Verdict(False, f"{value} is not the report's formula")
-    return check
+# A formula that is neither the report's nor a known mistake is shown with what it gives here.
+AT_CHUNK_COSTS = dict(symbols={x.name: x for x in SYMBOLS},
+                      evaluate=lambda x: x.subs(CHUNK_COSTS),
+                      where="with PP=8, F=2, B=4, W=2, FB=5", right="the report's formula")
 
 
 ZB_PAPER_FORM = (PP - 1) * (F + B - W)
@@ -441,8 +430,10 @@ CHECKS = {
     "zb_idle": _lazy(lambda: _idle_checks()[0]),
     "one_f_one_b_idle": _lazy(lambda: _idle_checks()[1]),
     "zb_executor": executor_check,
-    "zb1p_bubble": formula_check(TABLE["zb1p"]["bubble"], ZB1P_MISCONCEPTIONS),
-    "dualpipe_bubble": formula_check(TABLE["dualpipe"]["bubble"], DUALPIPE_MISCONCEPTIONS),
+    "zb1p_bubble": formula_check(TABLE["zb1p"]["bubble"], ZB1P_MISCONCEPTIONS,
+                                 **AT_CHUNK_COSTS),
+    "dualpipe_bubble": formula_check(TABLE["dualpipe"]["bubble"], DUALPIPE_MISCONCEPTIONS,
+                                     **AT_CHUNK_COSTS),
     "one_f_one_b_ms": number_b("1f1b"),
     "zb1p_ms": number_b("zb1p"),
     "dualpipe_ms": number_b("dualpipe"),
