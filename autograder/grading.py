@@ -770,8 +770,10 @@ def _run_status(entry: Entry, single: bool) -> None:
                 stops.append(f"{prefix}grading error: {reason}")
             elif status == "kernel died":
                 stops.append(f"{prefix}kernel died in {where} ({reason})")
-            else:
+            elif isinstance(run.get("running"), int):
                 stops.append(f"{prefix}{status}: {reason} in {where}")
+            else:  # stopped with no cell running (before the first one, or between two)
+                stops.append(f"{prefix}{status}: {reason}")
         for index in run.get("interrupted", []):
             if status != "timed out" or index != run.get("running"):
                 entry.notes.append(f"{prefix}{_cell_name(run, index)} interrupted at the "

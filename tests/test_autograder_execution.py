@@ -135,6 +135,21 @@ def test_the_notebook_clock_starts_with_its_first_cell_not_with_the_kernel(tmp_p
     assert slow.running == 1 and sorted(slow.cells) == [0]
 
 
+def test_a_stop_names_the_cell_that_was_running_and_no_cell_when_none_was():
+    from autograder.grading import Entry, _run_status
+
+    cells = [{"index": 0, "grade_id": None}, {"index": 1, "grade_id": "test_x"}]
+    in_cell = Entry("s", "a", runs={"a": {"status": "timed out", "running": 1, "cells": cells,
+                                          "reason": "notebook limit 8 s reached"}})
+    _run_status(in_cell, single=True)
+    assert in_cell.status == "timed out: notebook limit 8 s reached in cell 2 (test_x)"
+    no_cell = Entry("s", "a", runs={"a": {"status": "timed out", "running": None,
+                                          "cells": cells,
+                                          "reason": "the kernel did not start within 60 s"}})
+    _run_status(no_cell, single=True)
+    assert no_cell.status == "timed out: the kernel did not start within 60 s"
+
+
 # ---------------------------------------------------------------------------------------
 # The plan and the events
 

@@ -145,6 +145,9 @@ def test_interleaving_factors():
     assert "the case v=2 only" in verdict("messages_factor_middle", 2).message
     assert "v is right for a middle rank" in verdict("messages_factor_total", v).message
     assert "upside down" in verdict("bubble_factor", 1 / v).message
+    assert verdict("bubble_factor", v + 1).message == (
+        "v + 1 is not equivalent to the right formula: at p=8, v=4 it gives 5, the right one 4")
+    assert "expected a formula in v, got a number" in verdict("bubble_factor", 3).message
 
 
 def test_gpt3_numbers():

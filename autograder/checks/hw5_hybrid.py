@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 
-
 from autograder.checks import (Probe, Raised, Verdict, as_integer, formula_check,
                                handles_raised, make_checker)
 from paralab import formulas, mesh
